@@ -1,0 +1,1 @@
+"""Model loading (hub id or local path) and tiny offline builders."""

@@ -1,0 +1,186 @@
+"""``SFTModule``: completion-only supervised fine-tuning of a causal LM (full or LoRA).
+
+The baseline of CLS-RL (arXiv:2503.16188), S3FT (arXiv:2502.08130) and ManyICL (arXiv:2506.11103).
+
+Implemented: token-mean and sequence-mean completion NLL (:mod:`ftmods.sft.loss`), normalised over all data-parallel
+ranks; padded or padding-free packed batches (``use_cache=False`` keeps packed examples apart); logits only at
+supervised positions (``logits_to_keep``); LoRA via peft; export with :meth:`SFTModule.save_pretrained` (peft adapter
+or full safetensors weights). Not implemented: normalisation across gradient-accumulation micro-batches (each
+micro-batch is normalised on its own, then Lightning averages them).
+
+Batch keys (:class:`ftmods.datamodules.ChatBatch`): ``input_ids`` (B, T), ``labels`` (B, T) with -100 where not
+supervised, and either ``attention_mask`` (B, T) or ``position_ids`` (1, ΣT) for packed rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_causal_lm, load_tokenizer, spec_to_hparam
+from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids
+from ftmods.sft.loss import SFTLossOutput, sequence_mean_nll, token_mean_nll
+
+
+class SFTModule(LightningModule):
+    """Supervised fine-tuning with a completion-only loss.
+
+    Args:
+        pretrained: Hub id, local folder or ``tiny/<name>`` of a causal LM.
+        load: How to load it (dtype, attention kernel, gradient checkpointing, ``trust_remote_code``); the dict form
+            stored in checkpoints is accepted too.
+        lora: Train a LoRA adapter instead of all weights (dataclass or its dict form).
+        loss_reduction: ``token_mean`` (every supervised token weighs the same) or ``sequence_mean`` (every example
+            weighs the same, whatever its length).
+        global_normalization: Divide by the token (or sequence) count summed over all data-parallel ranks, so the
+            averaged gradient is the gradient of the global mean; otherwise each rank uses its own count.
+        optimizer: Optimizer factory; default AdamW(lr=2e-5, weight_decay=0).
+        lr_scheduler: Scheduler factory, stepped every ``lr_scheduler_interval``.
+        lr_scheduler_interval: ``step`` or ``epoch``.
+
+    Example::
+
+        model = SFTModule("Qwen/Qwen2.5-0.5B-Instruct", lora=LoRASpec(r=16))
+        trainer.fit(model, datamodule=ChatDataModule("train.jsonl", tokenizer="Qwen/Qwen2.5-0.5B-Instruct"))
+        model.save_pretrained("out/adapter")
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        load: LoadOptions | None = None,
+        lora: LoRASpec | None = None,
+        loss_reduction: Literal["token_mean", "sequence_mean"] = "token_mean",
+        global_normalization: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # plain dicts in checkpoints, so they load with torch.load(weights_only=True)
+        self.hparams["load"], self.hparams["lora"] = spec_to_hparam(load), spec_to_hparam(lora)
+        self.load_options = coerce_spec(LoadOptions, load) or LoadOptions()
+        self.lora = coerce_spec(LoRASpec, lora)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.sequence_mean = loss_reduction == "sequence_mean"
+        self.model: Any = None  # built in configure_model()
+        self._logits_to_keep = False  # whether the model's forward takes logits_to_keep
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+
+    # ------------------------------------------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Load the pretrained weights (once: later calls do nothing)."""
+        if self.model is not None:
+            return
+        self.model = load_causal_lm(self.hparams["pretrained"], self.load_options, self.lora).train()
+        forward = getattr(self.model, "get_base_model", lambda: self.model)().forward
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(forward).parameters
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Next-token logits ``(B, T, V)`` of a batch (no cache, so packed examples stay apart)."""
+        return self.model(**self._model_inputs(batch), use_cache=False).logits
+
+    @staticmethod
+    def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+    # -------------------------------------------------------------------------------------------------- loss
+
+    def compute_loss(self, batch: dict[str, Tensor], *, normalize_globally: bool = False) -> SFTLossOutput:
+        """The completion NLL of a batch; override to change what is supervised or how it is reduced."""
+        targets = next_token_targets(batch["labels"])  # (B, T)
+        supervised = targets != IGNORE_INDEX  # (B, T)
+        keep = supervised.any(0).nonzero().squeeze(-1)  # (K,) positions supervised in at least one row
+        if keep.numel() == 0:
+            keep = targets.new_zeros(1)  # nothing supervised: keep the graph, the loss is 0
+        inputs = self._model_inputs(batch)
+        if self._logits_to_keep:
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+        else:
+            logits = self.model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
+        targets = targets[:, keep]  # (B, K)
+        if self.sequence_mean:
+            if "position_ids" in batch and "attention_mask" not in batch:
+                sequence_ids = segment_ids_from_position_ids(batch["position_ids"])[:, keep]  # (B, K)
+            else:
+                rows = torch.arange(targets.shape[0], device=targets.device)  # (B,)
+                sequence_ids = rows[:, None].expand_as(targets)  # (B, K)
+            count = torch.unique(sequence_ids[targets != IGNORE_INDEX]).numel()
+            denominator = self._global_count(count) if normalize_globally else None
+            return sequence_mean_nll(logits, targets, sequence_ids, num_sequences=denominator)
+        denominator = self._global_count(int(supervised.sum())) if normalize_globally else None
+        return token_mean_nll(logits, targets, num_tokens=denominator)
+
+    def _global_count(self, local: int) -> Tensor | None:
+        """Count summed over ranks divided by the world size (DDP averages gradients, so this gives the global mean)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or not self.hparams["global_normalization"]:
+            return None
+        total = self.trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum")
+        return (total / world).clamp(min=1.0 / world)
+
+    # ------------------------------------------------------------------------------------------------- steps
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step's loss; logs ``train/loss`` (the global mean) and ``train/tokens``."""
+        out = self.compute_loss(batch, normalize_globally=True)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("train/tokens", out.num_tokens.float(), reduce_fx="sum", batch_size=size)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Token-weighted NLL over the whole validation set (exact across batches and ranks)."""
+        self._eval_step(batch, self.val_nll, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Token-weighted NLL over the whole test set."""
+        self._eval_step(batch, self.test_nll, "test")
+
+    def _eval_step(self, batch: dict[str, Tensor], metric: MeanMetric, stage: str) -> None:
+        out = self.compute_loss(batch)
+        if out.num_tokens > 0:
+            metric.update(out.nll_sum / out.num_tokens, weight=out.num_tokens)
+        self.log(f"{stage}/loss", metric, prog_bar=True, on_step=False, on_epoch=True)
+
+    # -------------------------------------------------------------------------------------------- optimisers
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer over trainable parameters only, plus the scheduler if one is set."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        interval = self.hparams["lr_scheduler_interval"]
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    # ------------------------------------------------------------------------------------------------ export
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the model in Hugging Face format with its tokenizer: a peft adapter with LoRA, else full weights.
+
+        Args:
+            path: Output folder.
+            state_dict: A full (gathered) state dict to write instead of the live parameters, for sharded runs.
+        """
+        path = Path(path)
+        self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        load_tokenizer(self.hparams["pretrained"], self.load_options).save_pretrained(path)
+        return path

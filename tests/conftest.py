@@ -1,0 +1,51 @@
+"""Test-suite hygiene: offline hub, a private tiny-model cache, one thread, reset global torch state."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: no test may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``RUN_ONLY_GPU_TESTS=1`` keeps only ``gpu`` tests; without CUDA, ``gpu`` tests are skipped."""
+    only_gpu = os.environ.get("RUN_ONLY_GPU_TESTS") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    kept = []
+    for item in items:
+        is_gpu = "gpu" in item.keywords
+        if only_gpu and not is_gpu:
+            continue
+        if is_gpu and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        kept.append(item)
+    items[:] = kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Build tiny models once per session into a private cache (never the user's ``~/.cache``)."""
+    if "FTMODS_CACHE" not in os.environ:
+        os.environ["FTMODS_CACHE"] = str(tmp_path_factory.mktemp("ftmods_cache"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_torch_state() -> None:
+    """Every test starts with the default dtype, a fixed seed and no process group left over."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(torch.float32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

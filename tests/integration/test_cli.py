@@ -1,0 +1,124 @@
+"""The LightningCLI: every shipped YAML parses, tiny configs run, strategies compose, evaluation warns."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import Namespace
+
+from ftmods.cli import FtmodsCLI, fill_shared_arguments
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "strategy")
+STRATEGIES = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+TINY = sorted((REPO / "configs").rglob("tiny.yaml"))
+
+
+def _print_config(*args: str) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        FtmodsCLI(args=["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI(args=...) warns when sys.argv holds pytest's own arguments."""
+    monkeypatch.setattr(sys, "argv", ["ftmods"])
+
+
+@pytest.fixture
+def in_sandbox(tmp_path, monkeypatch):
+    """Run from a scratch folder that sees the repository's configs (relative data paths keep working)."""
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_method_config_parses_without_loading_weights(config):
+    parsed = _print_config("-c", str(config))
+    assert parsed["model"]["class_path"].startswith("ftmods.")
+    assert parsed["data"]["class_path"].startswith("ftmods.datamodules.")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.stem)
+def test_strategy_snippets_compose_with_a_method_config(strategy):
+    parsed = _print_config("-c", str(REPO / "configs/sft/tiny.yaml"), "-c", str(strategy))
+    expected = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]["class_path"]
+    assert parsed["trainer"]["strategy"]["class_path"] == expected
+    assert parsed["model"]["init_args"]["pretrained"] == "tiny/causal-lm"  # the method part is untouched
+
+
+def test_real_model_config_prints_offline_and_instantly():
+    parsed = _print_config("-c", str(REPO / "configs/sft/qwen2.5-0.5b.yaml"))
+    assert parsed["model"]["init_args"]["pretrained"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert parsed["trainer"]["precision"] == "bf16-true"
+
+
+def test_misspelled_key_fails():
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+        FtmodsCLI(args=["fit", "-c", str(REPO / "configs/sft/tiny.yaml"), "--model.init_args.learning_rte", "1"])
+    assert "learning_rte" in err.getvalue()
+
+
+@pytest.mark.parametrize("config", TINY, ids=lambda p: str(p.relative_to(REPO)))
+def test_tiny_configs_run_fast_dev_run(config, in_sandbox):
+    cli = FtmodsCLI(args=["fit", "-c", str(config), "--trainer.fast_dev_run", "2"])
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 2
+
+
+def test_tokenizer_is_taken_from_the_model_when_null():
+    config = Namespace(
+        model=Namespace(class_path="m", init_args=Namespace(pretrained="org/model")),
+        data=Namespace(class_path="d", init_args=Namespace(tokenizer=None, batch_size=2)),
+    )
+    fill_shared_arguments(config)
+    assert config.data.init_args.tokenizer == "org/model"
+    config.data.init_args.tokenizer = "other/tok"  # an explicit value is kept
+    fill_shared_arguments(config)
+    assert config.data.init_args.tokenizer == "other/tok"
+    no_key = Namespace(model=Namespace(init_args=Namespace(x=1)), data=Namespace(init_args=Namespace(y=2)))
+    fill_shared_arguments(no_key)  # modules / DataModules without the keys are left alone
+    assert "tokenizer" not in no_key.data.init_args
+
+
+def test_validate_without_checkpoint_warns_and_names_the_run_checkpoints(in_sandbox):
+    ckpts = in_sandbox / "runs/sft_tiny/checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"")
+    args = ["validate", "-c", "configs/sft/tiny.yaml", "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]
+    with pytest.warns(UserWarning, match=r"without --ckpt_path .*pretrained weights.*last\.ckpt"):
+        FtmodsCLI(args=args)
+
+
+def test_tiny_fit_from_the_command_line_writes_checkpoint_config_and_export(in_sandbox):
+    """The README's first command, as a user runs it (a separate process, from a folder holding configs/)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "fit", "-c", "configs/sft/tiny.yaml"],
+        cwd=in_sandbox,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = in_sandbox / "runs/sft_tiny"
+    assert (run / "checkpoints/last.ckpt").is_file()
+    assert (run / "pretrained/model.safetensors").is_file()
+    saved = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
+    assert saved["data"]["init_args"]["tokenizer"] == "tiny/causal-lm"  # filled from the model, recorded
+    metrics = next(run.rglob("metrics.csv")).read_text().splitlines()
+    header = metrics[0].split(",")
+    val = [float(r.split(",")[header.index("val/loss")]) for r in metrics[1:] if r.split(",")[header.index("val/loss")]]
+    assert len(val) == 2 and val[1] < val[0]
