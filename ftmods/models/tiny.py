@@ -186,6 +186,18 @@ def _seeded(seed: int = 0) -> Iterator[None]:
         yield
 
 
+def _save_model(model: Any, path: Path) -> None:
+    """``model.save_pretrained(path)`` on every rank.
+
+    transformers 5.23 (``PreTrainedModel.should_save_on_this_rank``) silently skips writing weights on ranks other than
+    0 once ``torch.distributed`` is initialised. A tiny build writes into a private temporary folder of its own
+    process, so every rank that builds must write; otherwise a rank > 0 would publish a folder without weights.
+    """
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(path)
+    del model.should_save_on_this_rank
+
+
 def _as_dir(folder: str | Path) -> Path:
     """Create ``folder`` (and its parents) if needed and return it as a ``Path``."""
     path = Path(folder)
@@ -327,7 +339,7 @@ def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] 
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
+    _save_model(model, path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -404,7 +416,7 @@ def build_tiny_vlm(folder: str | Path) -> Path:
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
+    _save_model(model, path)
     processor.save_pretrained(path)
     return path
 
@@ -555,7 +567,7 @@ def build_tiny_clip(folder: str | Path) -> Path:
     )
     with _seeded():
         model = CLIPModel(config)
-    model.save_pretrained(path)
+    _save_model(model, path)
     processor.save_pretrained(path)
     return path
 
@@ -656,6 +668,8 @@ def _build_atomically(builder: Callable[[Path], Path], target: Path) -> None:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private (0o700); the cache is an ordinary folder
         builder(tmp)
+        if not any((tmp / name).is_file() for name in ("config.json", "model_index.json")):
+            raise RuntimeError(f"tiny build of {target.name} wrote no config.json / model_index.json; not published")
         os.rename(tmp, target)  # atomic; fails if another process renamed a non-empty folder there first
     except OSError:
         if not target.is_dir():
