@@ -387,7 +387,7 @@ def test_losing_the_race_uses_the_winners_folder(tmp_path: Path, monkeypatch: py
     target = tiny_model_dir("sd")
 
     def builder_that_loses(folder: Path) -> Path:
-        (folder / "mine.txt").write_text("loser")
+        (folder / "config.json").write_text("{}")  # a complete (loser) build
         target.mkdir()  # meanwhile another process renamed its finished build into place
         (target / "theirs.txt").write_text("winner")
         return folder
