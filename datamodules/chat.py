@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
 import torch
-from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_records
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_records
 from ftmods.ops.tokens import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -107,13 +107,18 @@ def encode_messages(tokenizer: Any, messages: list[Message], *, supervise_from: 
     Each assistant turn ``i`` is located as the tokens between the rendering of ``messages[:i]`` with the generation
     prompt and the rendering of ``messages[:i+1]``; the end-of-turn marker (with whatever the template renders after
     it, e.g. ChatML's newline) is part of the target, the role header is not. Raises :class:`TemplateError` when either
-    rendering is not a token prefix of the whole conversation, or when the template itself raises.
+    rendering is not a token prefix of the whole conversation, when the template itself raises, or when a supervised
+    assistant turn opens the conversation (an empty conversation cannot be rendered, so its header is not locatable).
     """
     full = _render(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(full)
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < supervise_from:
             continue
+        if i == 0:
+            raise TemplateError(
+                "message 0 is an assistant turn; start with a system or user message (or system_prompt)"
+            )
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(upto)] != upto or upto[: len(prompt)] != prompt:
@@ -322,7 +327,7 @@ class ChatDataModule(LightningDataModule):
     def connect(self, tokenizer: Any) -> None:
         """Use this tokenizer (an object or a hub id / folder) instead of ``tokenizer=``."""
         if isinstance(tokenizer, str):
-            self.hparams.tokenizer = tokenizer
+            self.hparams["tokenizer"] = tokenizer
         else:
             self.tokenizer = tokenizer
 
@@ -332,12 +337,12 @@ class ChatDataModule(LightningDataModule):
             self.tokenizer = self._load_tokenizer()
         hp = self.hparams
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
-        files = {"train": hp.train_files, "val": hp.val_files, "test": hp.test_files}
+        files = {"train": hp["train_files"], "val": hp["val_files"], "test": hp["test_files"]}
         for split in wanted:
             if split in self.datasets:
                 continue
-            if split == "val" and hp.val_files is None:
-                if hp.val_fraction > 0:
+            if split == "val" and hp["val_files"] is None:
+                if hp["val_fraction"] > 0:
                     self._split_validation()
                 continue
             self.datasets[split] = self._tokenize_files(as_file_list(files[split]), split)
@@ -345,17 +350,21 @@ class ChatDataModule(LightningDataModule):
     def _load_tokenizer(self) -> Any:
         from ftmods.models.loading import LoadOptions, load_tokenizer
 
-        if self.hparams.tokenizer is None:
+        if self.hparams["tokenizer"] is None:
             raise ValueError(
                 "ChatDataModule needs a tokenizer: pass tokenizer=<hub id or folder>, call connect(), or run through "
                 "the ftmods CLI, which takes it from model.init_args.pretrained"
             )
-        return load_tokenizer(self.hparams.tokenizer, LoadOptions(trust_remote_code=self.hparams.trust_remote_code))
+        return load_tokenizer(
+            self.hparams["tokenizer"], LoadOptions(trust_remote_code=self.hparams["trust_remote_code"])
+        )
 
     def _split_validation(self) -> None:
         if "train" not in self.datasets:
-            self.datasets["train"] = self._tokenize_files(as_file_list(self.hparams.train_files), "train")
-        parts = self.datasets["train"].train_test_split(test_size=self.hparams.val_fraction, seed=self.hparams.seed)
+            self.datasets["train"] = self._tokenize_files(as_file_list(self.hparams["train_files"]), "train")
+        parts = self.datasets["train"].train_test_split(
+            test_size=self.hparams["val_fraction"], seed=self.hparams["seed"]
+        )
         self.datasets["train"], self.datasets["val"] = parts["train"], parts["test"]
 
     def _tokenize_files(self, files: list[str], split: str) -> Any:
@@ -365,10 +374,10 @@ class ChatDataModule(LightningDataModule):
             self.tokenizer,
             "",
             self.fields,
-            template=self.hparams.template,
-            system_prompt=self.hparams.system_prompt,
-            max_length=self.hparams.max_length,
-            overlong=self.hparams.overlong,
+            template=self.hparams["template"],
+            system_prompt=self.hparams["system_prompt"],
+            max_length=self.hparams["max_length"],
+            overlong=self.hparams["overlong"],
         )
         parts = []
         for file in files:
@@ -388,9 +397,11 @@ class ChatDataModule(LightningDataModule):
             if len(kept) < len(encoded):
                 rank_zero_warn(
                     f"{file}: skipped {len(encoded) - len(kept)} of {len(encoded)} records that were longer than "
-                    f"max_length={self.hparams.max_length} (overlong={self.hparams.overlong!r}) or kept no target token"
+                    f"max_length={self.hparams['max_length']} (overlong={self.hparams['overlong']!r}) or kept no "
+                    "target token"
                 )
-            parts.append(kept)
+            if len(kept):
+                parts.append(kept)
         if not parts:
             raise ValueError(f"no usable {split} records in {files}")
         dataset = datasets.concatenate_datasets(parts)
@@ -403,22 +414,31 @@ class ChatDataModule(LightningDataModule):
 
     def _collator(self) -> ChatCollator:
         hp = self.hparams
-        return ChatCollator(self.tokenizer.pad_token_id, packing=hp.packing, pad_to_multiple_of=hp.pad_to_multiple_of)
+        return ChatCollator(
+            self.tokenizer.pad_token_id, packing=hp["packing"], pad_to_multiple_of=hp["pad_to_multiple_of"]
+        )
 
     def _loader(self, split: str, *, train: bool) -> Any:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set {split}_files (or val_fraction for validation)")
-        size = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        generator = torch.Generator().manual_seed(self.hparams.seed) if train else None
+        dataset, seed = self.datasets[split], self.hparams["seed"]
+        size = self.hparams["batch_size"] if train else (self.hparams["eval_batch_size"] or self.hparams["batch_size"])
+        # The shuffle order has a generator of its own: the loader also draws every epoch's worker base seed from its
+        # ``generator``, a draw StatefulDataLoader does not replay on resume, so with one shared generator the epochs
+        # after a resumed one would be ordered unlike an uninterrupted run. torch's RandomSampler (not torchdata's)
+        # keeps Lightning's shuffle detection for the DistributedSampler it swaps in under DDP.
+        sampler = (
+            torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None
+        )
         return StatefulDataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=size,
-            shuffle=train,
-            generator=generator,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(seed) if train else None,
             collate_fn=self._collator(),
-            num_workers=self.hparams.num_workers,
+            num_workers=self.hparams["num_workers"],
         )
 
     def train_dataloader(self) -> Any:

@@ -8,11 +8,13 @@ HERE = Path(__file__).parent
 
 
 def arithmetic(rng: random.Random) -> tuple[str, str]:
+    """An addition question and its worded answer."""
     a, b = rng.randint(0, 49), rng.randint(0, 49)
     return f"What is {a} + {b}?", f"The answer is {a + b}."
 
 
 def sentiment(rng: random.Random) -> tuple[str, str]:
+    """A one-word sentiment question and its label."""
     good = ["great", "lovely", "wonderful", "excellent", "fun"]
     bad = ["awful", "boring", "terrible", "bad", "dull"]
     label = rng.choice(["positive", "negative"])
@@ -21,6 +23,7 @@ def sentiment(rng: random.Random) -> tuple[str, str]:
 
 
 def main() -> None:
+    """Write the three files."""
     rng = random.Random(0)
     with (HERE / "sft_tiny_qa.jsonl").open("w") as f:
         for _ in range(48):

@@ -121,4 +121,5 @@ def test_tiny_fit_from_the_command_line_writes_checkpoint_config_and_export(in_s
     metrics = next(run.rglob("metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
     val = [float(r.split(",")[header.index("val/loss")]) for r in metrics[1:] if r.split(",")[header.index("val/loss")]]
-    assert len(val) == 2 and val[1] < val[0]
+    assert len(val) == 2
+    assert val[1] < val[0]

@@ -84,7 +84,8 @@ def test_lora_trains_adapter_only(tmp_path):
     module = SFTModule(TINY, lora=LoRASpec(r=4, alpha=8), optimizer=_adamw(1e-2))
     module.configure_model()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable
+    assert all("lora_" in n for n in trainable)
     before = _params(module)
     _trainer(tmp_path, max_steps=3).fit(module, datamodule=_datamodule())
     after = _params(module)

@@ -26,5 +26,9 @@ class RankDigest(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        record = {"digest": parameter_digest(pl_module), "global_step": trainer.global_step, "world": trainer.world_size}
+        record = {
+            "digest": parameter_digest(pl_module),
+            "global_step": trainer.global_step,
+            "world": trainer.world_size,
+        }
         (Path(self.dirpath) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -36,11 +36,15 @@ def test_mapped_packages_are_the_installed_ones():
     ``datamodules`` module is imported as a second copy."""
     assert Path(ftmods.callbacks.__file__).parent == REPO / "callbacks"
     assert Path(ftmods.datamodules.__file__).parent == REPO / "datamodules"
-    assert "callbacks" not in sys.modules and "datamodules" not in sys.modules
+    assert "callbacks" not in sys.modules
+    assert "datamodules" not in sys.modules
 
 
 def test_pyproject_lists_every_subpackage():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    on_disk = {"ftmods." + ".".join(p.parent.relative_to(REPO / "ftmods").parts) for p in (REPO / "ftmods").rglob("__init__.py")}
+    on_disk = {
+        "ftmods." + ".".join(p.parent.relative_to(REPO / "ftmods").parts)
+        for p in (REPO / "ftmods").rglob("__init__.py")
+    }
     on_disk = {name.rstrip(".") for name in on_disk} | {"ftmods.callbacks", "ftmods.datamodules"}
     assert listed == on_disk
