@@ -4,7 +4,8 @@ The baseline of CLS-RL (arXiv:2503.16188), S3FT (arXiv:2502.08130) and ManyICL (
 
 Implemented: token-mean and sequence-mean completion NLL (:mod:`ftmods.sft.loss`), normalised over all data-parallel
 ranks; padded or padding-free packed batches (``use_cache=False`` keeps packed examples apart); logits only at
-supervised positions (``logits_to_keep``); LoRA via peft; export with :meth:`SFTModule.save_pretrained` (peft adapter
+supervised positions (``logits_to_keep``); LoRA via peft; FSDP2 sharding per transformer block under
+``ModelParallelStrategy`` / :class:`ftmods.strategies.FSDP2Strategy`; export with :meth:`SFTModule.save_pretrained` (peft adapter
 or full safetensors weights). Not implemented: normalisation across gradient-accumulation micro-batches (each
 micro-batch is normalised on its own, then Lightning averages them).
 
@@ -25,6 +26,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_causal_lm, load_tokenizer, spec_to_hparam
+from ftmods.models.sharding import fully_shard_model
 from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids
 from ftmods.sft.loss import SFTLossOutput, sequence_mean_nll, token_mean_nll
 
@@ -87,6 +89,8 @@ class SFTModule(LightningModule):
         self.model = load_causal_lm(self.hparams["pretrained"], self.load_options, self.lora).train()
         forward = getattr(self.model, "get_base_model", lambda: self.model)().forward
         self._logits_to_keep = "logits_to_keep" in inspect.signature(forward).parameters
+        if self._device_mesh is not None:  # FSDP2 (ModelParallelStrategy / FSDP2Strategy): shard per block
+            fully_shard_model(self.model, self._device_mesh["data_parallel"])
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Next-token logits ``(B, T, V)`` of a batch (no cache, so packed examples stay apart)."""

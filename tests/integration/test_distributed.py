@@ -1,0 +1,62 @@
+"""Two CPU processes (gloo) from the command line: DDP ranks end identical, and FSDP2 ends where DDP does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.distributed
+
+
+def _launch(folder: Path, strategy: str, *extra: str) -> Path:
+    folder.mkdir()
+    (folder / "configs").symlink_to(REPO / "configs")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    args = [
+        sys.executable, str(REPO / "cli.py"), "fit",
+        "-c", "configs/sft/tiny.yaml", "-c", f"configs/strategy/{strategy}.yaml",
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", *extra,
+    ]  # fmt: skip
+    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder / "runs/sft_tiny"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp") / "run"
+    extra = ("--trainer.callbacks+=support.rank_digest.RankDigest", "--trainer.callbacks.dirpath", "digests")
+    return _launch(folder, "ddp", *extra)
+
+
+def test_ddp_ranks_end_identical(ddp_run):
+    digests = ddp_run.parents[1] / "digests"
+    ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 6
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert (ddp_run / "checkpoints/last.ckpt").is_file()  # rank 0 wrote one checkpoint file
+    assert (ddp_run / "pretrained/model.safetensors").is_file()
+
+
+def test_fsdp2_matches_ddp(ddp_run, tmp_path):
+    """Same data split, same global token normalisation: the sharded run ends at the DDP weights (up to reduction
+    order), its checkpoint is a folder of shards, and the export gathers full tensors."""
+    fsdp = _launch(tmp_path / "run", "fsdp2_model_parallel")
+    assert (fsdp / "checkpoints/last.ckpt").is_dir()
+    ddp_weights = load_file(ddp_run / "pretrained/model.safetensors")
+    fsdp_weights = load_file(fsdp / "pretrained/model.safetensors")
+    assert ddp_weights.keys() == fsdp_weights.keys()
+    for name, tensor in ddp_weights.items():
+        assert fsdp_weights[name].shape == tensor.shape, name
+        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
