@@ -93,7 +93,7 @@ def full_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = dict(get_model_state_dict(model, options=options))  # type: ignore[arg-type]
+    state: dict[str, Any] = dict(get_model_state_dict(model, options=options))
     # Tied weights (e.g. lm_head = embed_tokens) are one parameter under several names; keep the first name only, as
     # save_pretrained does for a live model, instead of writing the tensor twice.
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}

@@ -7,8 +7,8 @@ from typing import Any
 from torch import nn
 
 
-def transformer_layer_classes(model: nn.Module) -> set[str]:
-    """Class names of the repeated blocks, from transformers' ``_no_split_modules`` (peft wrappers are looked through)."""
+def transformer_layer_classes(model: Any) -> set[str]:
+    """Class names of the repeated blocks, from transformers' ``_no_split_modules`` (looking through peft wrappers)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = getattr(base, "_no_split_modules", None) or []
     return set(names)

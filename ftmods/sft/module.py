@@ -3,11 +3,12 @@
 The baseline of CLS-RL (arXiv:2503.16188), S3FT (arXiv:2502.08130) and ManyICL (arXiv:2506.11103).
 
 Implemented: token-mean and sequence-mean completion NLL (:mod:`ftmods.sft.loss`), normalised over all data-parallel
-ranks; padded or padding-free packed batches (``use_cache=False`` keeps packed examples apart); logits only at
-supervised positions (``logits_to_keep``); LoRA via peft; FSDP2 sharding per transformer block under
-``ModelParallelStrategy`` / :class:`ftmods.strategies.FSDP2Strategy`; export with :meth:`SFTModule.save_pretrained` (peft adapter
-or full safetensors weights). Not implemented: normalisation across gradient-accumulation micro-batches (each
-micro-batch is normalised on its own, then Lightning averages them).
+ranks and gradient-accumulation micro-batches; padded or padding-free packed batches (``use_cache=False`` keeps packed
+examples apart); logits only at supervised positions (``logits_to_keep``); LoRA via peft; FSDP2 sharding per
+transformer block under ``ModelParallelStrategy`` / :class:`ftmods.strategies.FSDP2Strategy`; export with
+:meth:`SFTModule.save_pretrained` (peft adapter or full safetensors weights). Not implemented: exact
+cross-micro-batch normalisation under DeepSpeed (which owns gradient accumulation); there each micro-batch is
+normalised by its token count summed over ranks.
 
 Batch keys (:class:`ftmods.datamodules.ChatBatch`): ``input_ids`` (B, T), ``labels`` (B, T) with -100 where not
 supervised, and either ``attention_mask`` (B, T) or ``position_ids`` (1, ΣT) for packed rows.
@@ -41,8 +42,10 @@ class SFTModule(LightningModule):
         lora: Train a LoRA adapter instead of all weights (dataclass or its dict form).
         loss_reduction: ``token_mean`` (every supervised token weighs the same) or ``sequence_mean`` (every example
             weighs the same, whatever its length).
-        global_normalization: Divide by the token (or sequence) count summed over all data-parallel ranks, so the
-            averaged gradient is the gradient of the global mean; otherwise each rank uses its own count.
+        global_normalization: Make every optimizer step the mean over *all* supervised tokens (or sequences) of the
+            step, on every data-parallel rank and in every gradient-accumulation micro-batch: micro-batches return
+            their NLL sum and the gradients are divided by the global count before the optimizer step (and before
+            clipping). ``False``: each micro-batch is normalised by its own count and Lightning averages them.
         optimizer: Optimizer factory; default AdamW(lr=2e-5, weight_decay=0).
         lr_scheduler: Scheduler factory, stepped every ``lr_scheduler_interval``.
         lr_scheduler_interval: ``step`` or ``epoch``.
@@ -77,6 +80,8 @@ class SFTModule(LightningModule):
         self.sequence_mean = loss_reduction == "sequence_mean"
         self.model: Any = None  # built in configure_model()
         self._logits_to_keep = False  # whether the model's forward takes logits_to_keep
+        self._sum_then_rescale = False  # set in setup(): global normalisation by gradient rescaling
+        self._step_count = torch.zeros(())  # supervised tokens (or sequences) since the last optimizer step
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
 
@@ -102,8 +107,14 @@ class SFTModule(LightningModule):
 
     # -------------------------------------------------------------------------------------------------- loss
 
-    def compute_loss(self, batch: dict[str, Tensor], *, normalize_globally: bool = False) -> SFTLossOutput:
-        """The completion NLL of a batch; override to change what is supervised or how it is reduced."""
+    def compute_loss(self, batch: dict[str, Tensor], *, denominator: float | Tensor | None = None) -> SFTLossOutput:
+        """The completion NLL of a batch; override to change what is supervised or how it is reduced.
+
+        Args:
+            batch: A :class:`ftmods.datamodules.ChatBatch`.
+            denominator: Divide the summed NLL (of tokens, or of per-sequence means) by this instead of the batch's
+                own count; training passes 1.0 and normalises the gradient globally (``global_normalization``).
+        """
         targets = next_token_targets(batch["labels"])  # (B, T)
         supervised = targets != IGNORE_INDEX  # (B, T)
         keep = supervised.any(0).nonzero().squeeze(-1)  # (K,) positions supervised in at least one row
@@ -115,35 +126,73 @@ class SFTModule(LightningModule):
         else:
             logits = self.model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
         targets = targets[:, keep]  # (B, K)
-        if self.sequence_mean:
-            if "position_ids" in batch and "attention_mask" not in batch:
-                sequence_ids = segment_ids_from_position_ids(batch["position_ids"])[:, keep]  # (B, K)
-            else:
-                rows = torch.arange(targets.shape[0], device=targets.device)  # (B,)
-                sequence_ids = rows[:, None].expand_as(targets)  # (B, K)
-            count = torch.unique(sequence_ids[targets != IGNORE_INDEX]).numel()
-            denominator = self._global_count(count) if normalize_globally else None
-            return sequence_mean_nll(logits, targets, sequence_ids, num_sequences=denominator)
-        denominator = self._global_count(int(supervised.sum())) if normalize_globally else None
-        return token_mean_nll(logits, targets, num_tokens=denominator)
+        if not self.sequence_mean:
+            return token_mean_nll(logits, targets, num_tokens=denominator)
+        if "position_ids" in batch and "attention_mask" not in batch:
+            sequence_ids = segment_ids_from_position_ids(batch["position_ids"])[:, keep]  # (B, K)
+        else:
+            rows = torch.arange(targets.shape[0], device=targets.device)  # (B,)
+            sequence_ids = rows[:, None].expand_as(targets)  # (B, K)
+        return sequence_mean_nll(logits, targets, sequence_ids, num_sequences=denominator)
 
-    def _global_count(self, local: int) -> Tensor | None:
-        """Count summed over ranks divided by the world size (DDP averages gradients, so this gives the global mean)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world == 1 or not self.hparams["global_normalization"]:
-            return None
-        total = self.trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum")
-        return (total / world).clamp(min=1.0 / world)
+    def setup(self, stage: str) -> None:
+        """Decide how training normalises (DeepSpeed accumulates gradients itself, so it gets the per-batch form)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        self._sum_then_rescale = self.hparams["global_normalization"] and not deepspeed
+        self._step_count = torch.zeros((), device=self.device)  # supervised tokens / sequences since the last step
 
     # ------------------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step's loss; logs ``train/loss`` (the global mean) and ``train/tokens``."""
-        out = self.compute_loss(batch, normalize_globally=True)
+        """One micro-batch's loss; logs ``train/loss`` (token- or sequence-mean over all ranks) and ``train/tokens``."""
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=True, batch_size=size)
+        if self._sum_then_rescale:
+            out = self.compute_loss(batch, denominator=1.0)  # a sum: the gradient is normalised before the step
+            count = (out.num_sequences if self.sequence_mean else out.num_tokens).float()
+            self._step_count = self._step_count.to(count.device) + count
+            mean = out.loss.detach() / count.clamp(min=1)
+        else:
+            out = self.compute_loss(batch, denominator=self._rank_mean_count(batch))
+            mean = out.loss.detach()
+        self.log("train/loss", mean, prog_bar=True, sync_dist=True, batch_size=size)
         self.log("train/tokens", out.num_tokens.float(), reduce_fx="sum", batch_size=size)
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated NLL-sum gradients into the gradient of the mean over every supervised unit of the step.
+
+        Lightning divided each micro-batch loss by ``accumulate_grad_batches`` (N) and data parallelism averaged over
+        the world (W), so the gradient holds ``sum / (N * W)``; multiplying by ``N * W / global_count`` gives
+        ``sum / global_count``.
+        """
+        if not self._sum_then_rescale:
+            return
+        total = self.trainer.strategy.reduce(self._step_count, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1.0)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.dtype))
+        self._step_count = torch.zeros_like(self._step_count)
+
+    def _rank_mean_count(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Per-micro-batch form (DeepSpeed, or ``global_normalization=False``): count over ranks / world size."""
+        if self.trainer.world_size == 1 or not self.hparams["global_normalization"]:
+            return None
+        targets = next_token_targets(batch["labels"])  # (B, T)
+        if self.sequence_mean:
+            rows = targets != IGNORE_INDEX
+            local = (
+                float(rows.any(-1).sum())
+                if "attention_mask" in batch
+                else float(torch.unique(segment_ids_from_position_ids(batch["position_ids"])[rows]).numel())
+            )
+        else:
+            local = float((targets != IGNORE_INDEX).sum())
+        total = self.trainer.strategy.reduce(torch.tensor(local, device=self.device), reduce_op="sum")
+        return (total / self.trainer.world_size).clamp(min=1.0 / self.trainer.world_size)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Token-weighted NLL over the whole validation set (exact across batches and ranks)."""

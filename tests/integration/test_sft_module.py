@@ -232,3 +232,30 @@ def test_resolve_is_the_same_path_as_a_local_folder(tmp_path):
     b.configure_model()
     for (name, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, reduction):
+    """P6: 2 micro-batches of 4 accumulated == 1 batch of 8 holding the same examples (the shuffled order does not
+    depend on the batch size), although the micro-batches hold different numbers of supervised tokens. SGD makes the
+    update linear in the gradient, so any normalisation error shows up directly in the weights."""
+    runs = {}
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        module = SFTModule(TINY, loss_reduction=reduction, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        trainer = _trainer(tmp_path / f"{batch_size}", max_steps=3, accumulate_grad_batches=accumulate)
+        trainer.fit(module, datamodule=_datamodule(batch_size=batch_size))
+        runs[accumulate] = module
+    for (name, a), b in zip(runs[1].named_parameters(), runs[2].parameters(), strict=True):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_per_micro_batch_normalisation_differs_from_one_large_batch(tmp_path):
+    """The contrast that shows the test above can fail: averaging per-micro-batch means is not the global mean."""
+    runs = {}
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        module = SFTModule(TINY, global_normalization=False, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        trainer = _trainer(tmp_path / f"{batch_size}", max_steps=3, accumulate_grad_batches=accumulate)
+        trainer.fit(module, datamodule=_datamodule(batch_size=batch_size))
+        runs[accumulate] = module
+    differences = [float((a - b).abs().max()) for a, b in zip(runs[1].parameters(), runs[2].parameters(), strict=True)]
+    assert max(differences) > 1e-4

@@ -38,7 +38,7 @@ USER_PACKAGE = textwrap.dedent(
             self.label_smoothing = label_smoothing
             self.calls = 0
 
-        def compute_loss(self, batch, *, normalize_globally=False):
+        def compute_loss(self, batch, *, denominator=None):
             self.calls += 1
             targets = next_token_targets(batch["labels"])
             logits = self(batch)
