@@ -53,3 +53,30 @@ def segment_ids_from_position_ids(position_ids: Tensor) -> Tensor:
     starts = (position_ids == 0).long()  # (B, T)
     starts[:, 0] = 1  # a row always begins a segment
     return starts.flatten().cumsum(0).view_as(position_ids) - 1  # (B, T)
+
+
+def split_prompt_and_target(
+    input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None, ignore_index: int = IGNORE_INDEX
+) -> list[tuple[Tensor, Tensor]]:
+    """Cut each example of a batch into (prompt ids, supervised target ids) at its first supervised label.
+
+    Padded batches hold one example per row (padding carries ``ignore_index`` labels). Packed rows (``position_ids``
+    given) hold several, each starting where ``position_ids`` is 0. Examples with no supervised label are skipped;
+    for a multi-turn example the prompt is everything before the first supervised token.
+
+    Example:
+        >>> split_prompt_and_target(torch.tensor([[7, 8, 9, 0]]), torch.tensor([[-100, -100, 9, -100]]))
+        [(tensor([7, 8]), tensor([9]))]
+    """
+    if position_ids is None:
+        segments = [(input_ids[row], labels[row]) for row in range(input_ids.shape[0])]
+    else:
+        ids = segment_ids_from_position_ids(position_ids).flatten()  # (B*T,)
+        flat_ids, flat_labels = input_ids.flatten(), labels.flatten()
+        segments = [(flat_ids[ids == s], flat_labels[ids == s]) for s in torch.unique(ids).tolist()]
+    out = []
+    for ids_row, labels_row in segments:
+        supervised = (labels_row != ignore_index).nonzero().flatten()  # (S,)
+        if supervised.numel():
+            out.append((ids_row[: supervised[0]], labels_row[supervised]))
+    return out

@@ -26,9 +26,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_causal_lm, load_tokenizer, spec_to_hparam
 from ftmods.models.sharding import fully_shard_model
-from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids
+from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids, split_prompt_and_target
+from ftmods.reporting import log_table
 from ftmods.sft.loss import SFTLossOutput, sequence_mean_nll, token_mean_nll
 
 
@@ -49,6 +51,9 @@ class SFTModule(LightningModule):
         optimizer: Optimizer factory; default AdamW(lr=2e-5, weight_decay=0).
         lr_scheduler: Scheduler factory, stepped every ``lr_scheduler_interval``.
         lr_scheduler_interval: ``step`` or ``epoch``.
+        sample_completions: At each validation, generate (greedy) for this many prompts of the first validation batch
+            and log prompt / reference / completion as a table (JSONL next to the logs, and TensorBoard or W&B).
+        max_new_tokens: Length limit of those samples.
 
     Example::
 
@@ -68,6 +73,8 @@ class SFTModule(LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        sample_completions: int = 0,
+        max_new_tokens: int = 64,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -82,6 +89,7 @@ class SFTModule(LightningModule):
         self._logits_to_keep = False  # whether the model's forward takes logits_to_keep
         self._sum_then_rescale = False  # set in setup(): global normalisation by gradient rescaling
         self._step_count = torch.zeros(())  # supervised tokens (or sequences) since the last optimizer step
+        self._tokenizer: Any = None  # loaded on first use (samples, export)
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
 
@@ -195,8 +203,36 @@ class SFTModule(LightningModule):
         return (total / self.trainer.world_size).clamp(min=1.0 / self.trainer.world_size)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Token-weighted NLL over the whole validation set (exact across batches and ranks)."""
+        """Token-weighted NLL over the whole validation set (exact across batches and ranks); samples on batch 0."""
         self._eval_step(batch, self.val_nll, "val")
+        if batch_idx == 0 and self.hparams["sample_completions"] > 0 and not self.trainer.sanity_checking:
+            self._log_samples(batch)
+
+    def _log_samples(self, batch: dict[str, Tensor]) -> None:
+        pairs = split_prompt_and_target(batch["input_ids"], batch["labels"], batch.get("position_ids"))
+        pairs = pairs[: self.hparams["sample_completions"]]
+        if not pairs:
+            return
+        tokenizer = self.tokenizer
+        texts = generate_texts(
+            self.model, tokenizer, [p for p, _ in pairs], max_new_tokens=self.hparams["max_new_tokens"]
+        )
+        rows = [
+            {
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                "reference": tokenizer.decode(target, skip_special_tokens=True),
+                "completion": text,
+            }
+            for (prompt, target), text in zip(pairs, texts, strict=True)
+        ]
+        log_table(self.trainer, "val/completions", rows)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer saved with ``pretrained`` (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams["pretrained"], self.load_options)
+        return self._tokenizer
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Token-weighted NLL over the whole test set."""
@@ -235,5 +271,5 @@ class SFTModule(LightningModule):
         """
         path = Path(path)
         self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-        load_tokenizer(self.hparams["pretrained"], self.load_options).save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
         return path

@@ -118,6 +118,12 @@ def test_tiny_fit_from_the_command_line_writes_checkpoint_config_and_export(in_s
     assert (run / "pretrained/model.safetensors").is_file()
     saved = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
     assert saved["data"]["init_args"]["tokenizer"] == "tiny/causal-lm"  # filled from the model, recorded
+    samples = sorted(run.rglob("val_completions/step=*.jsonl"))
+    assert [p.name for p in samples] == ["step=12.jsonl", "step=24.jsonl"]  # a table per validation, none at sanity
+    rows = [yaml.safe_load(line) for line in samples[-1].read_text().splitlines()]
+    assert len(rows) == 4
+    assert set(rows[0]) == {"prompt", "reference", "completion"}
+    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n")  # the generation prompt, the answer not leaked
     metrics = next(run.rglob("metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
     val = [float(r.split(",")[header.index("val/loss")]) for r in metrics[1:] if r.split(",")[header.index("val/loss")]]
