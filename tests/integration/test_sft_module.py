@@ -234,28 +234,29 @@ def test_resolve_is_the_same_path_as_a_local_folder(tmp_path):
         assert torch.equal(x, y), name
 
 
+def _batch8_and_accumulated_4x2(tmp_path: Path, **module_kwargs) -> tuple[SFTModule, SFTModule]:
+    """3 SGD steps with batches of 8, and with 2 accumulated micro-batches of 4 over the same examples."""
+    runs = []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        module = SFTModule(TINY, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **module_kwargs)
+        trainer = _trainer(tmp_path / f"{batch_size}", max_steps=3, accumulate_grad_batches=accumulate)
+        trainer.fit(module, datamodule=_datamodule(batch_size=batch_size))
+        runs.append(module)
+    return runs[0], runs[1]
+
+
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
 def test_gradient_accumulation_equals_one_large_batch(tmp_path, reduction):
     """P6: 2 micro-batches of 4 accumulated == 1 batch of 8 holding the same examples (the shuffled order does not
     depend on the batch size), although the micro-batches hold different numbers of supervised tokens. SGD makes the
     update linear in the gradient, so any normalisation error shows up directly in the weights."""
-    runs = {}
-    for batch_size, accumulate in ((8, 1), (4, 2)):
-        module = SFTModule(TINY, loss_reduction=reduction, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-        trainer = _trainer(tmp_path / f"{batch_size}", max_steps=3, accumulate_grad_batches=accumulate)
-        trainer.fit(module, datamodule=_datamodule(batch_size=batch_size))
-        runs[accumulate] = module
-    for (name, a), b in zip(runs[1].named_parameters(), runs[2].parameters(), strict=True):
+    large, accumulated = _batch8_and_accumulated_4x2(tmp_path, loss_reduction=reduction)
+    for (name, a), b in zip(large.named_parameters(), accumulated.parameters(), strict=True):
         assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_per_micro_batch_normalisation_differs_from_one_large_batch(tmp_path):
     """The contrast that shows the test above can fail: averaging per-micro-batch means is not the global mean."""
-    runs = {}
-    for batch_size, accumulate in ((8, 1), (4, 2)):
-        module = SFTModule(TINY, global_normalization=False, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-        trainer = _trainer(tmp_path / f"{batch_size}", max_steps=3, accumulate_grad_batches=accumulate)
-        trainer.fit(module, datamodule=_datamodule(batch_size=batch_size))
-        runs[accumulate] = module
-    differences = [float((a - b).abs().max()) for a, b in zip(runs[1].parameters(), runs[2].parameters(), strict=True)]
-    assert max(differences) > 1e-4
+    large, accumulated = _batch8_and_accumulated_4x2(tmp_path, global_normalization=False)
+    pairs = zip(large.parameters(), accumulated.parameters(), strict=True)
+    assert max(float((a - b).abs().max()) for a, b in pairs) > 1e-4
