@@ -18,9 +18,10 @@ def log_table(trainer: Trainer, key: str, rows: list[dict[str, Any]]) -> Path | 
 
     Call on every rank; only global rank 0 writes. Returns the JSONL path (``None`` on other ranks or without rows).
     """
+    log_dir = trainer.log_dir  # a collective (strategy.broadcast): every rank must evaluate it
     if not trainer.is_global_zero or not rows:
         return None
-    folder = Path(trainer.log_dir or trainer.default_root_dir) / key.replace("/", "_")
+    folder = Path(log_dir or trainer.default_root_dir) / key.replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step={trainer.global_step}.jsonl"
     with path.open("w", encoding="utf-8") as handle:

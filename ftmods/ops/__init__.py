@@ -5,6 +5,13 @@ from ftmods.ops.tokens import (
     next_token_targets,
     segment_ids_from_position_ids,
     split_prompt_and_target,
+    supervised_positions,
 )
 
-__all__ = ["masked_mean", "next_token_targets", "segment_ids_from_position_ids", "split_prompt_and_target"]
+__all__ = [
+    "masked_mean",
+    "next_token_targets",
+    "segment_ids_from_position_ids",
+    "split_prompt_and_target",
+    "supervised_positions",
+]

@@ -40,6 +40,20 @@ def next_token_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
     return torch.cat([labels[..., 1:], pad], dim=-1)  # (B, T)
 
 
+def supervised_positions(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Sequence positions whose logits are needed: those predicting a supervised label in at least one row.
+
+    Position ``t`` predicts ``labels[:, t + 1]``. Never empty (position 0 stands in when nothing is supervised, so the
+    loss keeps a graph and is 0). Compute it on the CPU before the batch moves: ``nonzero`` syncs a GPU.
+
+    Example:
+        >>> supervised_positions(torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]]))
+        tensor([0, 1, 2])
+    """
+    keep = (next_token_targets(labels, ignore_index) != ignore_index).any(0).nonzero().flatten()  # (K,)
+    return keep if keep.numel() else labels.new_zeros(1)
+
+
 def segment_ids_from_position_ids(position_ids: Tensor) -> Tensor:
     """Number the packed sequences of each row: a new segment starts wherever ``position_ids`` is 0.
 

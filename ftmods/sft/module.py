@@ -29,7 +29,13 @@ from torchmetrics import MeanMetric
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_causal_lm, load_tokenizer, spec_to_hparam
 from ftmods.models.sharding import fully_shard_model
-from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids, split_prompt_and_target
+from ftmods.ops.tokens import (
+    IGNORE_INDEX,
+    next_token_targets,
+    segment_ids_from_position_ids,
+    split_prompt_and_target,
+    supervised_positions,
+)
 from ftmods.reporting import log_table
 from ftmods.sft.loss import SFTLossOutput, sequence_mean_nll, token_mean_nll
 
@@ -124,10 +130,7 @@ class SFTModule(LightningModule):
                 own count; training passes 1.0 and normalises the gradient globally (``global_normalization``).
         """
         targets = next_token_targets(batch["labels"])  # (B, T)
-        supervised = targets != IGNORE_INDEX  # (B, T)
-        keep = supervised.any(0).nonzero().squeeze(-1)  # (K,) positions supervised in at least one row
-        if keep.numel() == 0:
-            keep = targets.new_zeros(1)  # nothing supervised: keep the graph, the loss is 0
+        keep = batch["logit_positions"] if "logit_positions" in batch else supervised_positions(batch["labels"])  # (K,)
         inputs = self._model_inputs(batch)
         if self._logits_to_keep:
             logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
@@ -143,6 +146,12 @@ class SFTModule(LightningModule):
             sequence_ids = rows[:, None].expand_as(targets)  # (B, K)
         return sequence_mean_nll(logits, targets, sequence_ids, num_sequences=denominator)
 
+    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """Find the supervised positions while the labels are still on the CPU (no device sync in the step)."""
+        if "labels" in batch:
+            batch["logit_positions"] = supervised_positions(batch["labels"])
+        return batch
+
     def setup(self, stage: str) -> None:
         """Decide how training normalises (DeepSpeed accumulates gradients itself, so it gets the per-batch form)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -154,7 +163,7 @@ class SFTModule(LightningModule):
     # ------------------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One micro-batch's loss; logs ``train/loss`` (token- or sequence-mean over all ranks) and ``train/tokens``."""
+        """One micro-batch's loss; logs ``train/loss`` (the micro-batch's token- or sequence-mean, over all ranks)."""
         size = batch["input_ids"].shape[0]
         if self._sum_then_rescale:
             out = self.compute_loss(batch, denominator=1.0)  # a sum: the gradient is normalised before the step
@@ -165,7 +174,6 @@ class SFTModule(LightningModule):
             out = self.compute_loss(batch, denominator=self._rank_mean_count(batch))
             mean = out.loss.detach()
         self.log("train/loss", mean, prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("train/tokens", out.num_tokens.float(), reduce_fx="sum", batch_size=size)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -179,10 +187,9 @@ class SFTModule(LightningModule):
             return
         total = self.trainer.strategy.reduce(self._step_count, reduce_op="sum")
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1.0)
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale.to(param.grad.dtype))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))  # one fused launch instead of one per tensor
         self._step_count = torch.zeros_like(self._step_count)
 
     def _rank_mean_count(self, batch: dict[str, Tensor]) -> Tensor | None:
