@@ -216,7 +216,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_bad_dtype_is_rejected_at_construction():
+def test_specs_are_validated_and_accept_checkpoint_dicts():
     from ftmods.models.loading import LoadOptions
 
     with pytest.raises(ValueError, match="r must be"):
