@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_records
+from ftmods.datamodules.samplers import EpochShuffleSampler
 from ftmods.ops.tokens import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -425,13 +426,10 @@ class ChatDataModule(LightningDataModule):
             raise ValueError(f"no {split} data: set {split}_files (or val_fraction for validation)")
         dataset, seed = self.datasets[split], self.hparams["seed"]
         size = self.hparams["batch_size"] if train else (self.hparams["eval_batch_size"] or self.hparams["batch_size"])
-        # The shuffle order has a generator of its own: the loader also draws every epoch's worker base seed from its
-        # ``generator``, a draw StatefulDataLoader does not replay on resume, so with one shared generator the epochs
-        # after a resumed one would be ordered unlike an uninterrupted run. torch's RandomSampler (not torchdata's)
-        # keeps Lightning's shuffle detection for the DistributedSampler it swaps in under DDP.
-        sampler = (
-            torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None
-        )
+        # The order is a pure function of (seed, epoch): see EpochShuffleSampler for why RandomSampler's running
+        # generator breaks resumption after the first epoch.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if train else None
         return StatefulDataLoader(
             dataset,
             batch_size=size,

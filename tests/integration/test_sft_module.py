@@ -198,20 +198,21 @@ def _fit_resumable(tmp_path: Path, max_steps: int, kill_at: int | None = None, c
 def _cosine(optimizer):
     from ftmods.optim import WarmupCosineLR
 
-    return WarmupCosineLR(optimizer, warmup_steps=2, total_steps=16)
+    return WarmupCosineLR(optimizer, warmup_steps=2, total_steps=30)
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    """16 steps over 96 examples in batches of 8 = 12 batches per epoch: the crash at step 5 is mid-epoch, so the
-    resumed run must continue the same shuffled order (StatefulDataLoader), optimizer and scheduler state."""
-    straight = _fit_resumable(tmp_path / "a", max_steps=16)
+    """30 steps over 96 examples in batches of 8 = 12 batches per epoch: the crash at step 17 is mid-epoch 1, so the
+    resumed run must continue epoch 1's shuffled order (not replay epoch 0's) and then epoch 2's, with the same
+    optimizer and scheduler state."""
+    straight = _fit_resumable(tmp_path / "a", max_steps=30)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit_resumable(tmp_path / "b", max_steps=16, kill_at=5)
+        _fit_resumable(tmp_path / "b", max_steps=30, kill_at=17)
     last = tmp_path / "b" / "ckpt" / "last.ckpt"
-    # Lightning runs ModelCheckpoint after the other callbacks, so the crash at step 5 comes before that step's
-    # checkpoint: the run resumes from step 4, mid-epoch (12 batches per epoch).
-    assert torch.load(last, weights_only=True)["global_step"] == 4
-    resumed = _fit_resumable(tmp_path / "b", max_steps=16, ckpt=str(last))
+    # Lightning runs ModelCheckpoint after the other callbacks, so the crash at step 17 comes before that step's
+    # checkpoint: the run resumes from step 16, in the middle of epoch 1.
+    assert torch.load(last, weights_only=True)["global_step"] == 16
+    resumed = _fit_resumable(tmp_path / "b", max_steps=30, ckpt=str(last))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
 

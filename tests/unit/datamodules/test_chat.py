@@ -750,8 +750,12 @@ def test_train_dataloader_resumes_mid_epoch(tok: Any, tmp_path: Path) -> None:
         dm.setup("fit")
         return dm.train_dataloader()
 
+    def epoch(dataloader: Any, number: int) -> list[Any]:
+        dataloader.sampler.set_epoch(number)  # what Lightning does at the start of every epoch
+        return [b["input_ids"] for b in dataloader]
+
     uninterrupted = loader()
-    reference = [[b["input_ids"] for b in uninterrupted] for _ in range(2)]  # two epochs, 6 batches each
+    reference = [epoch(uninterrupted, e) for e in range(2)]  # two epochs, 6 batches each
     assert not all(torch.equal(a, b) for a, b in zip(*reference, strict=True))  # epochs are reshuffled
 
     # torch's RandomSampler: Lightning recognises it as shuffled and shuffles its DistributedSampler under DDP.
@@ -769,5 +773,5 @@ def test_train_dataloader_resumes_mid_epoch(tok: Any, tmp_path: Path) -> None:
     assert len(rest) == 3
     for got, want in zip(rest, reference[0][3:], strict=True):
         torch.testing.assert_close(got, want)
-    for got, want in zip([b["input_ids"] for b in resumed], reference[1], strict=True):  # and the next epoch
+    for got, want in zip(epoch(resumed, 1), reference[1], strict=True):  # and the next epoch
         torch.testing.assert_close(got, want)
