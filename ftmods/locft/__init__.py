@@ -2,3 +2,16 @@
 
 "Fine-tuning Done Right in Model Editing", arXiv:2509.22072.
 """
+
+from ftmods.locft.evaluator import EditEvaluator
+from ftmods.locft.loss import LocFTLossOutput, locft_sample_mean_loss, locft_token_mean_loss, prompt_last_loss
+from ftmods.locft.module import LocFTModule
+
+__all__ = [
+    "EditEvaluator",
+    "LocFTLossOutput",
+    "LocFTModule",
+    "locft_sample_mean_loss",
+    "locft_token_mean_loss",
+    "prompt_last_loss",
+]

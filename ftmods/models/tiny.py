@@ -582,6 +582,13 @@ def _build_sdxl(folder: Path) -> Path:
     return build_tiny_sd_pipeline(folder, xl=True)
 
 
+def _build_locft_toy(folder: Path) -> Path:
+    """``tiny/locft-toy``: the toy-world Llama pre-trained on synthetic facts (``ftmods.models.toy_world``)."""
+    from ftmods.models.toy_world import build_tiny_locft_toy  # imported lazily: toy_world imports this module
+
+    return build_tiny_locft_toy(folder)
+
+
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "causal-lm": build_tiny_causal_lm,
     "qwen2-lm": _build_qwen2_lm,
@@ -589,6 +596,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd": build_tiny_sd_pipeline,
     "sdxl": _build_sdxl,
     "clip": build_tiny_clip,
+    "locft-toy": _build_locft_toy,
 }
 """Reserved names (``tiny/<name>``) and their builders, ``builder(folder) -> folder``."""
 
