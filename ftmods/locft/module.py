@@ -16,8 +16,10 @@ Implemented:
   pre-edit reference for locality uses the original tensors swapped back in.
 - Export: :meth:`save_pretrained` (a normal HF checkpoint) and :meth:`save_delta` (the tuned tensors' deltas alone).
 
+Lifelong editing (``cumulative`` / ``buffered``) is :class:`ftmods.locft.stream.EditStream` around this module.
+
 Not implemented yet: fp32 master copies of the tuned block for bf16 models (load in fp32 instead, as the official
-code does); lifelong ``cumulative`` / ``buffered`` streams; FSDP / DeepSpeed sharding of the frozen model.
+code does); FSDP2 sharding inside ``configure_model`` (DDP and DeepSpeed ZeRO-3 need no module support).
 
 Batch keys (:class:`ftmods.datamodules.edits.EditBatch`): ``input_ids``, ``attention_mask``, ``position_ids``,
 ``labels`` (target + EOS), ``edit_index``; evaluation batches are lists of ``EditRequest``.
