@@ -19,7 +19,8 @@ Implemented:
 Lifelong editing (``cumulative`` / ``buffered``) is :class:`ftmods.locft.stream.EditStream` around this module.
 
 Not implemented yet: fp32 master copies of the tuned block for bf16 models (load in fp32 instead, as the official
-code does); FSDP2 sharding inside ``configure_model`` (DDP and DeepSpeed ZeRO-3 need no module support).
+code does); FSDP2 sharding inside ``configure_model``. DDP needs nothing more (one tensor is all-reduced); DeepSpeed
+ZeRO-3 for the 72B config is untested (no GPU was available).
 
 Batch keys (:class:`ftmods.datamodules.edits.EditBatch`): ``input_ids``, ``attention_mask``, ``position_ids``,
 ``labels`` (target + EOS), ``edit_index``; evaluation batches are lists of ``EditRequest``.
