@@ -256,15 +256,18 @@ class LocFTModule(LightningModule):
         """Score the current (edited) model on ``requests``; every rank takes its share, results are global.
 
         Returns and logs ``eval/<protocol>/<metric>`` means, and writes them with the timing to
-        ``<log_dir>/edit_eval.json``.
+        ``<log_dir>/edit_eval.json``. Without a Trainer (a bare module) it only returns them.
         """
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        attached = self._trainer is not None
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if attached else (0, 1)
         mine = requests[rank::world]
         for start in range(0, len(mine), batch_size):
             self.test_step(mine[start : start + batch_size], start // batch_size)
         scores = {f"eval/{k}": float(v) for k, v in self.test_scores.compute().items() if not torch.isnan(v)}
         self.test_scores.reset()
         scores["eval/seconds_per_edit"] = float(self.seconds_per_edit or float("nan"))
+        if not attached:
+            return scores
         log_dir = self.trainer.log_dir  # a collective: every rank evaluates it
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:

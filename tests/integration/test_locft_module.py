@@ -173,3 +173,13 @@ def test_breadth_first_kill_and_resume_matches_uninterrupted(tmp_path, edit_file
     assert resumed.stats["opt_steps"] == straight.stats["opt_steps"]
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_bare_module_can_be_scored_without_a_trainer(edit_file):
+    from ftmods.datamodules.edits import load_edits
+
+    module = LocFTModule(TINY, target_modules=[TARGET])
+    module.configure_model()
+    scores = module.evaluate_requests(list(load_edits(str(edit_file))))
+    assert scores["eval/wild_em/locality"] == 1.0  # nothing edited: the swapped-in originals equal the weights
+    assert "eval/teacher_forced_token/reliability" in scores
