@@ -256,7 +256,8 @@ class LocFTModule(LightningModule):
         """Score the current (edited) model on ``requests``; every rank takes its share, results are global.
 
         Returns and logs ``eval/<protocol>/<metric>`` means, and writes them with the timing to
-        ``<log_dir>/edit_eval.json``. Without a Trainer (a bare module) it only returns them.
+        ``<log_dir>/edit_eval.json`` when the Trainer has a logger. Without a Trainer (a bare module) it only returns
+        them.
         """
         attached = self._trainer is not None
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if attached else (0, 1)
@@ -272,7 +273,7 @@ class LocFTModule(LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics(scores, step=self.trainer.global_step)
-            if log_dir:
+            if log_dir and self.trainer.loggers:  # no logger: no stray file in the working directory
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
                 (Path(log_dir) / "edit_eval.json").write_text(json.dumps({**scores, "stats": self.stats}, indent=2))
             rank_zero_info("LocFT final-model evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
