@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_records
+from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_datamodule_tokenizer, load_records
 from ftmods.datamodules.samplers import EpochShuffleSampler
 from ftmods.ops.tokens import IGNORE_INDEX
 
@@ -349,15 +349,8 @@ class ChatDataModule(LightningDataModule):
             self.datasets[split] = self._tokenize_files(as_file_list(files[split]), split)
 
     def _load_tokenizer(self) -> Any:
-        from ftmods.models.loading import LoadOptions, load_tokenizer
-
-        if self.hparams["tokenizer"] is None:
-            raise ValueError(
-                "ChatDataModule needs a tokenizer: pass tokenizer=<hub id or folder>, call connect(), or run through "
-                "the ftmods CLI, which takes it from model.init_args.pretrained"
-            )
-        return load_tokenizer(
-            self.hparams["tokenizer"], LoadOptions(trust_remote_code=self.hparams["trust_remote_code"])
+        return load_datamodule_tokenizer(
+            type(self).__name__, self.hparams["tokenizer"], self.hparams["trust_remote_code"]
         )
 
     def _split_validation(self) -> None:

@@ -106,3 +106,21 @@ def check_record(
     except (KeyError, TypeError, ValueError) as error:
         field, problem = error.args[0] if error.args and isinstance(error.args[0], tuple) else (None, str(error))
         raise RecordError(file, index, field, problem) from None
+
+
+def load_datamodule_tokenizer(owner: str, tokenizer: str | None, trust_remote_code: bool) -> Any:
+    """The tokenizer a DataModule was configured with, or a clear error when none was given.
+
+    Args:
+        owner: The DataModule's class name, for the message.
+        tokenizer: Hub id or folder (``None`` when neither ``tokenizer=`` nor the CLI link supplied one).
+        trust_remote_code: Allow custom tokenizer code from the repository.
+    """
+    from ftmods.models.loading import LoadOptions, load_tokenizer
+
+    if tokenizer is None:
+        raise ValueError(
+            f"{owner} needs a tokenizer: pass tokenizer=<hub id or folder>, call connect(), or run through the ftmods "
+            "CLI, which takes it from model.init_args.pretrained"
+        )
+    return load_tokenizer(tokenizer, LoadOptions(trust_remote_code=trust_remote_code))
