@@ -67,7 +67,7 @@ from locft_fidelity import (  # noqa: E402  (this folder: the shared toy, traine
 
 from ftmods.datamodules.edits import EditDataModule  # noqa: E402
 from ftmods.locft import LocFTModule  # noqa: E402
-from ftmods.models.toy_world import ToyWorld, build_word_tokenizer, make_world  # noqa: E402
+from ftmods.models.toy_world import ToyWorld, build_word_tokenizer, make_world, toy_config  # noqa: E402
 
 TARGET = r"model\.layers\.2\.mlp\.down_proj\.weight"
 DIMS: dict[str, int] = {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4}
@@ -77,19 +77,10 @@ DIMS: dict[str, int] = {"hidden_size": 96, "intermediate_size": 384, "num_hidden
 
 def build_timing_model(world: ToyWorld, folder: Path, seed: int) -> dict[str, Any]:
     """A randomly initialised toy Llama over the world's tokenizer, saved to ``folder``; returns its description."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = build_word_tokenizer(world)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        num_key_value_heads=DIMS["num_attention_heads"],
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **DIMS,
-    )
+    config = toy_config(tokenizer, DIMS)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

@@ -431,7 +431,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _toy_config(tokenizer: PreTrainedTokenizerFast, dims: dict[str, Any]) -> LlamaConfig:
+def toy_config(tokenizer: PreTrainedTokenizerFast, dims: dict[str, Any]) -> LlamaConfig:
     """Llama config of the toy LM: ``dims`` (hidden / intermediate sizes, layers, heads), untied embeddings."""
     from transformers import LlamaConfig
 
@@ -509,7 +509,7 @@ def pretrain_toy_lm(
     data = encode_facts(tokenizer, world.facts("trained"))
     n, batch_size = data[0].shape[0], min(batch_size, data[0].shape[0])
     with _one_thread(), _seeded(seed):
-        model = LlamaForCausalLM(_toy_config(tokenizer, dims))
+        model = LlamaForCausalLM(toy_config(tokenizer, dims))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
         warmup = max(1, max_steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, max_steps))
