@@ -193,8 +193,10 @@ def _items(requests: Sequence[EditRequest], kind: str, only: Sequence[bool] | No
 def _per_request(values: Tensor, items: Sequence[_Item], num_requests: int) -> Tensor:
     """Mean of item values per request; NaN for a request with no item."""
     owners = torch.tensor([it.request for it in items], dtype=torch.long)  # (M,)
-    total = torch.zeros(num_requests).index_add_(0, owners, values.float().cpu())  # (N,)
-    count = torch.zeros(num_requests).index_add_(0, owners, torch.ones(len(items)))  # (N,)
+    total = torch.zeros(num_requests, dtype=torch.float32).index_add_(0, owners, values.float().cpu())  # (N,)
+    count = torch.zeros(num_requests, dtype=torch.float32).index_add_(
+        0, owners, torch.ones(len(items), dtype=torch.float32)
+    )  # (N,)
     return total / count  # (N,)  0 / 0 = NaN
 
 
@@ -371,7 +373,7 @@ class EditEvaluator:
     def _token_accuracy(self, model: nn.Module, items: Sequence[_Item]) -> Tensor:
         """``(M,)`` teacher-forced token accuracy of each item's answer."""
         accs = [token_accuracy(logits, labels).cpu() for logits, labels in self._forward(model, self._pairs(items))]
-        return torch.cat(accs) if accs else torch.zeros(0)  # (M,)
+        return torch.cat(accs) if accs else torch.zeros(0, dtype=torch.float32)  # (M,)
 
     def _locality_tf(self, model: nn.Module, items: Sequence[_Item]) -> Iterator[tuple[Tensor, Tensor]]:
         """Per locality item: (accuracy vs the gold answer (), argmax ids at the answer positions (L_i,))."""
@@ -386,7 +388,7 @@ class EditEvaluator:
         """``(M,)`` log P(answer | question) of each pair."""
         reduction = self.counterfact_reduction
         lps = [sequence_logprob(lg, lb, reduction=reduction).cpu() for lg, lb in self._forward(model, pairs)]
-        return torch.cat(lps) if lps else torch.zeros(0)  # (M,)
+        return torch.cat(lps) if lps else torch.zeros(0, dtype=torch.float32)  # (M,)
 
     @staticmethod
     def _pairs(items: Sequence[_Item]) -> list[tuple[str, str]]:
@@ -432,7 +434,7 @@ class EditEvaluator:
             out[f"teacher_forced_token/{metric}"] = _per_request(self._token_accuracy(model, items), items, n)
         items = _items(requests, "locality")
         results = list(self._locality_tf(model, items))
-        gold_acc = torch.stack([acc for acc, _ in results]) if results else torch.zeros(0)  # (M,)
+        gold_acc = torch.stack([acc for acc, _ in results]) if results else torch.zeros(0, dtype=torch.float32)  # (M,)
         out["teacher_forced_token/specificity"] = _per_request(gold_acc, items, n)
         if reference is not None:
             if "teacher_forced_argmax" not in reference:
@@ -442,7 +444,7 @@ class EditEvaluator:
                 for (_, post), pre in zip(results, reference["teacher_forced_argmax"], strict=True)
             ]
             out["teacher_forced_token/locality"] = _per_request(
-                torch.stack(agree) if agree else torch.zeros(0), items, n
+                torch.stack(agree) if agree else torch.zeros(0, dtype=torch.float32), items, n
             )
         return out
 

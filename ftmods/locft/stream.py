@@ -109,7 +109,5 @@ class EditStream:
     @torch.no_grad()
     def rollback(self) -> None:
         """Restore the pre-stream weights of the tuned tensors and forget every committed edit."""
-        params = dict(self.module.model.named_parameters())
-        for name in self.module.tuned_names:
-            params[name].copy_(self.module.original[name].to(params[name].device, params[name].dtype))
+        self.module.restore_original()
         self.committed, self.pending = [], []
