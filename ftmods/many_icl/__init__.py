@@ -13,10 +13,12 @@ from ftmods.many_icl.loss import (
     shift_token_field,
     shot_weights,
 )
+from ftmods.many_icl.module import ManyICLModule
 
 __all__ = [
     "SHOT_BUCKETS",
     "ManyICLLossOutput",
+    "ManyICLModule",
     "bucket_names",
     "many_icl_nll",
     "select_answers",

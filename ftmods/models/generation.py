@@ -27,9 +27,17 @@ def left_pad(prompts: list[Tensor], pad_token_id: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def generate_texts(
-    model: Any, tokenizer: Any, prompts: list[Tensor], *, max_new_tokens: int = 64, **generate_kwargs: Any
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Tensor],
+    *,
+    max_new_tokens: int = 64,
+    stop_strings: list[str] | None = None,
+    **generate_kwargs: Any,
 ) -> list[str]:
     """Generate a continuation of each prompt and decode only the new tokens (special tokens skipped).
+
+    ``stop_strings`` end a sequence early once its text contains one of them (the text is returned uncut).
 
     Greedy unless ``generate_kwargs`` say otherwise (e.g. ``do_sample=True, temperature=1.0``). The model is put in
     eval mode for the call and restored afterwards. Under FSDP every rank must call this (generation runs forwards).
@@ -38,6 +46,8 @@ def generate_texts(
     was_training = model.training
     model.eval()
     generate_kwargs.setdefault("do_sample", False)
+    if stop_strings:
+        generate_kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     try:
         out = model.generate(
             input_ids=ids,
