@@ -15,6 +15,18 @@ from ftmods.datamodules.edits import (
     load_qaedit,
     load_wikibigedit,
 )
+from ftmods.datamodules.many_shot import (
+    ManyShotBatch,
+    ManyShotCollator,
+    ManyShotDataModule,
+    ManyShotExample,
+    ManyShotQuery,
+    ManyShotRecord,
+    build_query,
+    encode_episode,
+    episode_pieces,
+    load_many_shot_records,
+)
 from ftmods.datamodules.records import RecordError, load_records
 
 __all__ = [
@@ -27,13 +39,23 @@ __all__ = [
     "EditItem",
     "EditRequest",
     "EditRequests",
+    "ManyShotBatch",
+    "ManyShotCollator",
+    "ManyShotDataModule",
+    "ManyShotExample",
+    "ManyShotQuery",
+    "ManyShotRecord",
     "RecordError",
+    "build_query",
+    "encode_episode",
+    "episode_pieces",
     "encode_messages",
     "encode_plain",
     "load_counterfact",
     "load_edits",
     "load_knowedit",
     "load_locft",
+    "load_many_shot_records",
     "load_qaedit",
     "load_records",
     "load_wikibigedit",
