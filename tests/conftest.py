@@ -49,3 +49,14 @@ def _reset_torch_state() -> None:
     torch.set_default_dtype(torch.float32)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test may leave a child process behind (sandboxed judges, CLI launches, DDP workers): fail the run if any."""
+    import psutil
+
+    alive = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    if alive:
+        described = ", ".join(f"{p.pid} {' '.join(p.cmdline())[:80]!r}" for p in alive)
+        print(f"\nchild processes left behind: {described}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

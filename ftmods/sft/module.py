@@ -129,14 +129,19 @@ class SFTModule(LightningModule):
             denominator: Divide the summed NLL (of tokens, or of per-sequence means) by this instead of the batch's
                 own count; training passes 1.0 and normalises the gradient globally (``global_normalization``).
         """
-        targets = next_token_targets(batch["labels"])  # (B, T)
-        keep = batch["logit_positions"] if "logit_positions" in batch else supervised_positions(batch["labels"])  # (K,)
-        inputs = self._model_inputs(batch)
-        if self._logits_to_keep:
-            logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
-        else:
-            logits = self.model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
-        targets = targets[:, keep]  # (B, K)
+        logits, targets, keep = self.supervised_logits(batch)  # (B, K, V), (B, K), (K,)
+        return self.reduce_nll(batch, logits, targets, keep, denominator=denominator)
+
+    def reduce_nll(
+        self,
+        batch: dict[str, Tensor],
+        logits: Tensor,
+        targets: Tensor,
+        keep: Tensor,
+        *,
+        denominator: float | Tensor | None = None,
+    ) -> SFTLossOutput:
+        """Token- or sequence-mean NLL of the logits from :meth:`supervised_logits`."""
         if not self.sequence_mean:
             return token_mean_nll(logits, targets, num_tokens=denominator)
         if "position_ids" in batch and "attention_mask" not in batch:
@@ -145,6 +150,20 @@ class SFTModule(LightningModule):
             rows = torch.arange(targets.shape[0], device=targets.device)  # (B,)
             sequence_ids = rows[:, None].expand_as(targets)  # (B, K)
         return sequence_mean_nll(logits, targets, sequence_ids, num_sequences=denominator)
+
+    def supervised_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits ``(B, K, V)``, aligned targets ``(B, K)`` and positions ``(K,)`` where anything is supervised.
+
+        Uses ``logits_to_keep`` when the model takes it, so the LM head never runs on prompt positions.
+        """
+        targets = next_token_targets(batch["labels"])  # (B, T)
+        keep = batch["logit_positions"] if "logit_positions" in batch else supervised_positions(batch["labels"])  # (K,)
+        inputs = self._model_inputs(batch)
+        if self._logits_to_keep:
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+        else:
+            logits = self.model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
+        return logits, targets[:, keep], keep
 
     def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
         """Find the supervised positions while the labels are still on the CPU (no device sync in the step)."""
