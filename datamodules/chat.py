@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_datamodule_tokenizer, load_records
-from ftmods.datamodules.samplers import EpochShuffleSampler
+from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
 from ftmods.ops.tokens import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -413,8 +413,6 @@ class ChatDataModule(LightningDataModule):
         )
 
     def _loader(self, split: str, *, train: bool) -> Any:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set {split}_files (or val_fraction for validation)")
         dataset, seed = self.datasets[split], self.hparams["seed"]
@@ -423,7 +421,7 @@ class ChatDataModule(LightningDataModule):
         # generator breaks resumption after the first epoch.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if train else None
-        return StatefulDataLoader(
+        return resumable_loader(
             dataset,
             batch_size=size,
             sampler=sampler,

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ftmods.datamodules.records import as_file_list, check_record, load_datamodule_tokenizer, load_records
-from ftmods.datamodules.samplers import EpochShuffleSampler
+from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
 from ftmods.ops.tokens import IGNORE_INDEX
 
 
@@ -822,15 +822,13 @@ class EditDataModule(LightningDataModule):
 
     def train_dataloader(self) -> Any:
         """:class:`EditBatch` batches: reshuffled per epoch and resumable mid-epoch, or in file order (``stream``)."""
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if self.train_items is None:
             raise RuntimeError("call setup('fit') first")
         seed, shuffle = self.hparams["seed"], self.hparams["order"] == "shuffle"
         # The order is a pure function of (seed, epoch): see EpochShuffleSampler (as in ChatDataModule).
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         sampler = EpochShuffleSampler(self.train_items, seed=seed, epoch=epoch) if shuffle else None
-        return StatefulDataLoader(
+        return resumable_loader(
             self.train_items,
             batch_size=self.hparams["batch_size"],
             sampler=sampler,
@@ -840,11 +838,9 @@ class EditDataModule(LightningDataModule):
         )
 
     def _eval_loader(self) -> Any:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if self.requests is None:
             raise RuntimeError("call setup() first")
-        return StatefulDataLoader(
+        return resumable_loader(
             cast(Any, self.requests),
             batch_size=self.hparams["eval_batch_size"],
             collate_fn=list,

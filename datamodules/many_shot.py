@@ -50,6 +50,7 @@ from ftmods.datamodules.records import (
     load_records,
     record_location,
 )
+from ftmods.datamodules.samplers import resumable_loader
 from ftmods.ops.tokens import IGNORE_INDEX
 
 METRICS = ("accuracy", "rouge_l", "f1_em", "exact_match", "exact_match_numeric")
@@ -999,8 +1000,6 @@ class ManyShotDataModule(LightningDataModule):
 
     def train_dataloader(self) -> Any:
         """:class:`ManyShotBatch` batches of this epoch's episodes; resumable mid-epoch (``StatefulDataLoader``)."""
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if self.episodes is None:
             raise RuntimeError("call setup('fit') first")
         trainer = self.trainer
@@ -1009,7 +1008,7 @@ class ManyShotDataModule(LightningDataModule):
         shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
         shard = shard or {"num_replicas": 1, "rank": 0}
         sampler = EpisodeSampler(self.episodes, epoch=epoch, num_replicas=shard["num_replicas"], rank=shard["rank"])
-        return StatefulDataLoader(
+        return resumable_loader(
             self.episodes,
             batch_size=self.hparams["batch_size"],
             sampler=sampler,
@@ -1018,12 +1017,10 @@ class ManyShotDataModule(LightningDataModule):
         )
 
     def _eval_loader(self) -> Any:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         queries = self.eval_queries + self.heldout_queries
         if not queries:
             return []
-        return StatefulDataLoader(
+        return resumable_loader(
             queries,  # type: ignore[arg-type]
             batch_size=self.hparams["eval_batch_size"],
             collate_fn=list,

@@ -48,7 +48,7 @@ from ftmods.datamodules.records import (
     load_records,
     record_location,
 )
-from ftmods.datamodules.samplers import EpochShuffleSampler
+from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
 
 SOURCES: tuple[str, ...] = ("model", "paraphrase", "gold")
 """Where a selection target comes from; ``source_ids`` index into this tuple."""
@@ -619,11 +619,9 @@ class S3FTDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> Any:
         """Lists of :class:`S3FTItem` (``predict_batch_size`` each) in file order."""
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if self.items is None:
             raise RuntimeError("call setup('predict') first")
-        return StatefulDataLoader(
+        return resumable_loader(
             self.items,  # type: ignore[arg-type]
             batch_size=self.hparams["predict_batch_size"],
             collate_fn=list,
@@ -708,15 +706,13 @@ class S3FTDataModule(LightningDataModule):
         )
 
     def _loader(self, split: str, *, train: bool) -> Any:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if split not in self.datasets:
             raise RuntimeError(f"no {split} data: call setup('fit') first")
         dataset, seed = self.datasets[split], self.hparams["seed"]
         # The order is a pure function of (seed, epoch): see EpochShuffleSampler (as in ChatDataModule).
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if train else None
-        return StatefulDataLoader(
+        return resumable_loader(
             dataset,  # type: ignore[arg-type]
             batch_size=self.hparams["batch_size"],
             sampler=sampler,

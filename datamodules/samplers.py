@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
 from torch.utils.data import RandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class EpochShuffleSampler(RandomSampler):
@@ -42,3 +44,33 @@ class EpochShuffleSampler(RandomSampler):
         """This epoch's permutation."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+
+class ResumableDataLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` that restores mid-epoch positions, and starts the next epoch after a *finished* one.
+
+    A checkpoint taken at the last batch of an epoch stores "all N batches yielded". Lightning (2.6) resumes such a run
+    in the next epoch as a mid-epoch restart: it neither rebuilds the loader nor calls ``set_epoch`` for that epoch, and
+    the loader was built with the checkpoint's (finished) epoch. Restoring the stored position as is would then replay
+    the finished epoch's order from its end, i.e. train on the wrong permutation. Here a finished state is dropped and
+    the sampler is moved on to the next epoch, which is what an uninterrupted run does. Found by a kill-and-resume test
+    that crashed right after an epoch boundary.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a mid-epoch position; after a finished epoch, start the next one from its first batch."""
+        try:
+            finished = state_dict.get("_num_yielded", 0) >= len(self)
+        except TypeError:  # an iterable dataset without a length
+            finished = False
+        if not finished:
+            super().load_state_dict(state_dict)
+            return
+        sampler = getattr(self.batch_sampler, "sampler", None) or self.sampler
+        if hasattr(sampler, "set_epoch") and hasattr(sampler, "epoch"):
+            sampler.set_epoch(sampler.epoch + 1)
+
+
+def resumable_loader(dataset: Any, **kwargs: Any) -> ResumableDataLoader:
+    """A :class:`ResumableDataLoader` (the loader of every ftmods DataModule)."""
+    return ResumableDataLoader(dataset, **kwargs)

@@ -589,6 +589,13 @@ def _build_locft_toy(folder: Path) -> Path:
     return build_tiny_locft_toy(folder)
 
 
+def _build_s3ft_toy(folder: Path) -> Path:
+    """``tiny/s3ft-toy``: a word-level Llama pre-trained on two synthetic skills (``ftmods.models.s3ft_toy``)."""
+    from ftmods.models.s3ft_toy import build_tiny_s3ft_toy  # imported lazily, like the LocFT toy
+
+    return build_tiny_s3ft_toy(folder)
+
+
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "causal-lm": build_tiny_causal_lm,
     "qwen2-lm": _build_qwen2_lm,
@@ -597,6 +604,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sdxl": _build_sdxl,
     "clip": build_tiny_clip,
     "locft-toy": _build_locft_toy,
+    "s3ft-toy": _build_s3ft_toy,
 }
 """Reserved names (``tiny/<name>``) and their builders, ``builder(folder) -> folder``."""
 

@@ -201,17 +201,19 @@ def _cosine(optimizer):
     return WarmupCosineLR(optimizer, warmup_steps=2, total_steps=30)
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kill_at", [17, 13])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, kill_at):
     """30 steps over 96 examples in batches of 8 = 12 batches per epoch: the crash at step 17 is mid-epoch 1, so the
     resumed run must continue epoch 1's shuffled order (not replay epoch 0's) and then epoch 2's, with the same
-    optimizer and scheduler state."""
+    optimizer and scheduler state. The crash at step 13 resumes from the checkpoint of epoch 0's last batch: the run
+    must start epoch 1 with epoch 1's order (a plain StatefulDataLoader replayed epoch 0's there)."""
     straight = _fit_resumable(tmp_path / "a", max_steps=30)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit_resumable(tmp_path / "b", max_steps=30, kill_at=17)
+        _fit_resumable(tmp_path / "b", max_steps=30, kill_at=kill_at)
     last = tmp_path / "b" / "ckpt" / "last.ckpt"
-    # Lightning runs ModelCheckpoint after the other callbacks, so the crash at step 17 comes before that step's
-    # checkpoint: the run resumes from step 16, in the middle of epoch 1.
-    assert torch.load(last, weights_only=True)["global_step"] == 16
+    # Lightning runs ModelCheckpoint after the other callbacks, so the crash at step k comes before that step's
+    # checkpoint: the run resumes from step k - 1.
+    assert torch.load(last, weights_only=True)["global_step"] == kill_at - 1
     resumed = _fit_resumable(tmp_path / "b", max_steps=30, ckpt=str(last))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
