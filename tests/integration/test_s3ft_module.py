@@ -79,8 +79,9 @@ def test_selection_holds_all_three_sources_with_their_verdicts(selection):
         assert r["self_verdict"] is False
         assert r["para_verdict"] is False
         assert r["target"] == r["gold"]
-    assert all(r["prompt"] == PREDICT_PROMPT.format(question=r["prompt"].split("question ", 1)[1].rsplit(" answer", 1)[0])
-               for r in records)  # fmt: skip
+    questions = {f"s3ft_tiny_train:{i + 1}": item["question"] for i, item in enumerate(items)}
+    questions.update({item["id"]: item["question"] for item in items if "id" in item})
+    assert all(r["prompt"] == PREDICT_PROMPT.format(question=questions[r["id"]]) for r in records)  # training prompt
     report = json.loads(selection.with_name("selection.jsonl.mixture.json").read_text())
     assert report["counts"] == {s: len(v) for s, v in by_source.items()}
 
