@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_datamodule_tokenizer, load_records
-from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
+from ftmods.datamodules.samplers import epoch_loader
 from ftmods.ops.tokens import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -415,17 +415,13 @@ class ChatDataModule(LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> Any:
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set {split}_files (or val_fraction for validation)")
-        dataset, seed = self.datasets[split], self.hparams["seed"]
         size = self.hparams["batch_size"] if train else (self.hparams["eval_batch_size"] or self.hparams["batch_size"])
-        # The order is a pure function of (seed, epoch): see EpochShuffleSampler for why RandomSampler's running
-        # generator breaks resumption after the first epoch.
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if train else None
-        return resumable_loader(
-            dataset,
+        return epoch_loader(
+            self.datasets[split],
+            trainer=self.trainer,
+            seed=self.hparams["seed"],
+            shuffle=train,
             batch_size=size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(seed) if train else None,
             collate_fn=self._collator(),
             num_workers=self.hparams["num_workers"],
         )

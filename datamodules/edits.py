@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ftmods.datamodules.records import as_file_list, check_record, load_datamodule_tokenizer, load_records
-from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
+from ftmods.datamodules.samplers import epoch_loader, resumable_loader
 from ftmods.ops.tokens import IGNORE_INDEX
 
 
@@ -824,15 +824,12 @@ class EditDataModule(LightningDataModule):
         """:class:`EditBatch` batches: reshuffled per epoch and resumable mid-epoch, or in file order (``stream``)."""
         if self.train_items is None:
             raise RuntimeError("call setup('fit') first")
-        seed, shuffle = self.hparams["seed"], self.hparams["order"] == "shuffle"
-        # The order is a pure function of (seed, epoch): see EpochShuffleSampler (as in ChatDataModule).
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        sampler = EpochShuffleSampler(self.train_items, seed=seed, epoch=epoch) if shuffle else None
-        return resumable_loader(
+        return epoch_loader(
             self.train_items,
+            trainer=self.trainer,
+            seed=self.hparams["seed"],
+            shuffle=self.hparams["order"] == "shuffle",
             batch_size=self.hparams["batch_size"],
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
             collate_fn=self.collator(),
             num_workers=self.hparams["num_workers"],
         )

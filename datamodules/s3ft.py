@@ -48,7 +48,7 @@ from ftmods.datamodules.records import (
     load_records,
     record_location,
 )
-from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
+from ftmods.datamodules.samplers import epoch_loader, resumable_loader
 
 SOURCES: tuple[str, ...] = ("model", "paraphrase", "gold")
 """Where a selection target comes from; ``source_ids`` index into this tuple."""
@@ -708,15 +708,12 @@ class S3FTDataModule(LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> Any:
         if split not in self.datasets:
             raise RuntimeError(f"no {split} data: call setup('fit') first")
-        dataset, seed = self.datasets[split], self.hparams["seed"]
-        # The order is a pure function of (seed, epoch): see EpochShuffleSampler (as in ChatDataModule).
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if train else None
-        return resumable_loader(
-            dataset,  # type: ignore[arg-type]
+        return epoch_loader(
+            self.datasets[split],
+            trainer=self.trainer,
+            seed=self.hparams["seed"],
+            shuffle=train,
             batch_size=self.hparams["batch_size"],
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(seed) if train else None,
             collate_fn=self.collator(),
             num_workers=self.hparams["num_workers"],
         )

@@ -74,3 +74,31 @@ class ResumableDataLoader(StatefulDataLoader):
 def resumable_loader(dataset: Any, **kwargs: Any) -> ResumableDataLoader:
     """A :class:`ResumableDataLoader` (the loader of every ftmods DataModule)."""
     return ResumableDataLoader(dataset, **kwargs)
+
+
+def epoch_loader(
+    dataset: Any,
+    *,
+    trainer: Any,
+    seed: int,
+    shuffle: bool,
+    batch_size: int,
+    collate_fn: Any,
+    num_workers: int = 0,
+) -> ResumableDataLoader:
+    """The loader of a map-style dataset whose order is a pure function of ``(seed, epoch)`` (file order unshuffled).
+
+    The sampler starts at ``trainer.current_epoch`` (restored from the checkpoint when ``train_dataloader()`` runs),
+    so a resumed run visits the examples in the uninterrupted order (:class:`EpochShuffleSampler`,
+    :class:`ResumableDataLoader`).
+    """
+    epoch = trainer.current_epoch if trainer is not None else 0
+    sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if shuffle else None
+    return resumable_loader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+    )

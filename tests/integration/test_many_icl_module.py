@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from support.callbacks import KillAt
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -215,19 +216,10 @@ def test_export_reloads_with_identical_outputs(tmp_path):
         assert torch.equal(reloaded(**inputs).logits, module.model(**inputs).logits)
 
 
-class _Kill(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
-
-
 def _fit_resumable(folder: Path, kill_at: int | None = None, ckpt: str | None = None) -> ManyICLModule:
     module = ManyICLModule(TINY, optimizer=_adamw(3e-3), forgetting=False)
     checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
-    callbacks = [checkpoint] + ([_Kill(kill_at)] if kill_at else [])
+    callbacks = [checkpoint] + ([KillAt(kill_at)] if kill_at else [])
     trainer = _trainer(folder, max_steps=20, enable_checkpointing=True, callbacks=callbacks)
     trainer.fit(module, datamodule=_datamodule(batch_size=8, packing=True), ckpt_path=ckpt)
     return module

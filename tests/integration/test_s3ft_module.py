@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support.callbacks import KillAt
 from transformers import AutoModelForCausalLM
 
 from ftmods.datamodules import S3FTDataModule, read_selection
@@ -127,19 +128,10 @@ def test_export_reloads_with_identical_outputs(tmp_path, selection):
         assert torch.equal(reloaded(ids).logits, module.model(ids).logits)
 
 
-class _Kill(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
-
-
 def _fit(folder: Path, selection: Path, kill_at: int | None = None, ckpt: str | None = None) -> S3FTModule:
     module = _module()
     checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
-    callbacks = [checkpoint] + ([_Kill(kill_at)] if kill_at else [])
+    callbacks = [checkpoint] + ([KillAt(kill_at)] if kill_at else [])
     trainer = _trainer(folder, max_steps=16, enable_checkpointing=True, callbacks=callbacks)
     trainer.fit(module, datamodule=_datamodule(selection), ckpt_path=ckpt)
     return module

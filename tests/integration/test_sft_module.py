@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support.callbacks import KillAt
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -175,21 +176,10 @@ def test_checkpoint_reloads_with_weights_only_and_identical_outputs(tmp_path):
         assert torch.equal(module(padded), restored(padded))
 
 
-class _Kill(Callback):
-    """Simulates a crash right after the checkpoint of step ``at`` was written."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
-
-
 def _fit_resumable(tmp_path: Path, max_steps: int, kill_at: int | None = None, ckpt: str | None = None) -> SFTModule:
     module = SFTModule(TINY, optimizer=_adamw(3e-3), lr_scheduler=_cosine)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
-    callbacks = [checkpoint] + ([_Kill(kill_at)] if kill_at else [])
+    callbacks = [checkpoint] + ([KillAt(kill_at)] if kill_at else [])
     trainer = _trainer(tmp_path, max_steps=max_steps, enable_checkpointing=True, callbacks=callbacks)
     trainer.fit(module, datamodule=_datamodule(batch_size=8), ckpt_path=ckpt)
     return module
