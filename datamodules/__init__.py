@@ -15,6 +15,15 @@ from ftmods.datamodules.edits import (
     load_qaedit,
     load_wikibigedit,
 )
+from ftmods.datamodules.fewshot_images import (
+    FewShotImageBatch,
+    FewShotImageDataModule,
+    FewShotImageSample,
+    ImageError,
+    choice_list,
+    encode_prompts,
+    read_class_names,
+)
 from ftmods.datamodules.many_shot import (
     ManyShotBatch,
     ManyShotCollator,
@@ -56,6 +65,10 @@ __all__ = [
     "EditItem",
     "EditRequest",
     "EditRequests",
+    "FewShotImageBatch",
+    "FewShotImageDataModule",
+    "FewShotImageSample",
+    "ImageError",
     "ManyShotBatch",
     "ManyShotCollator",
     "ManyShotDataModule",
@@ -69,8 +82,10 @@ __all__ = [
     "S3FTDataModule",
     "S3FTItem",
     "build_query",
+    "choice_list",
     "done_ids",
     "encode_episode",
+    "encode_prompts",
     "episode_pieces",
     "format_mixture",
     "load_gsm8k",
@@ -90,5 +105,6 @@ __all__ = [
     "load_wikibigedit",
     "merge_parts",
     "mixture_report",
+    "read_class_names",
     "read_selection",
 ]
