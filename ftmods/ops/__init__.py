@@ -1,5 +1,16 @@
 """Shared pure tensor functions used by several methods."""
 
+from ftmods.ops.grpo import (
+    REDUCTIONS,
+    GRPOLossOutput,
+    completion_logprobs,
+    completion_mask,
+    expand_pixels_per_image,
+    group_advantages,
+    group_reward_std,
+    grpo_loss,
+    k3_kl,
+)
 from ftmods.ops.params import freeze_all_but, match_parameters, proportional_layer
 from ftmods.ops.tokens import (
     masked_mean,
@@ -10,11 +21,20 @@ from ftmods.ops.tokens import (
 )
 
 __all__ = [
+    "REDUCTIONS",
+    "GRPOLossOutput",
+    "completion_logprobs",
+    "completion_mask",
+    "expand_pixels_per_image",
     "freeze_all_but",
-    "match_parameters",
-    "proportional_layer",
+    "group_advantages",
+    "group_reward_std",
+    "grpo_loss",
+    "k3_kl",
     "masked_mean",
+    "match_parameters",
     "next_token_targets",
+    "proportional_layer",
     "segment_ids_from_position_ids",
     "split_prompt_and_target",
     "supervised_positions",
