@@ -72,6 +72,9 @@ def test_misspelled_key_fails():
 
 @pytest.mark.parametrize("config", TINY, ids=lambda p: str(p.relative_to(REPO)))
 def test_tiny_configs_run_fast_dev_run(config, in_sandbox):
+    if "selection_file:" in config.read_text():  # S3FT: fit trains on what predict selected
+        predicted = FtmodsCLI(args=["predict", "-c", str(config), "--trainer.fast_dev_run", "1"])
+        assert predicted.trainer.state.finished
     cli = FtmodsCLI(args=["fit", "-c", str(config), "--trainer.fast_dev_run", "2"])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
