@@ -191,7 +191,8 @@ class ManyICLModule(SFTModule):
         size = int(batch["input_ids"].shape[0])
         self.log("train/loss", out.loss.detach() / units.clamp(min=1e-12), prog_bar=True, sync_dist=True,
                  batch_size=size)  # fmt: skip
-        for name, nll, count in zip(bucket_names(SHOT_BUCKETS), out.bucket_nll_sum, out.bucket_tokens, strict=True):
+        counts = out.bucket_tokens.tolist()  # one device sync for all buckets
+        for name, nll, count in zip(bucket_names(SHOT_BUCKETS), out.bucket_nll_sum, counts, strict=True):
             if count > 0:
                 self.log(f"train/loss_shots_{name}", nll / count, batch_size=size)
         return loss
@@ -205,8 +206,8 @@ class ManyICLModule(SFTModule):
         queries = list(getattr(datamodule, "eval_queries", None) or [])
         heldout = list(getattr(datamodule, "heldout_queries", None) or [])
         keys = sorted({_key(q) for q in queries + heldout})
-        if keys and self.scores is None:
-            self.scores = ProtocolScores(keys)
+        if keys and (self.scores is None or tuple(self.scores.keys) != tuple(keys)):
+            self.scores = ProtocolScores(keys)  # another DataModule (other tasks): new keys
 
     def _score_queries(self, queries: list[Any]) -> dict[str, Tensor]:
         """Per-query scores grouped as ``{"<task>/<metric>": (n,)}``; predictions kept for the samples table."""

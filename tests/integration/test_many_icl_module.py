@@ -250,3 +250,15 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 def test_min_context_shots_needs_after_m():
     with pytest.raises(ValueError, match="after_m"):
         ManyICLModule(TINY, min_context_shots=2)
+
+
+def test_validating_with_another_datamodule_uses_its_tasks(tmp_path):
+    """The per-task score keys follow the DataModule: without held-out tasks first, then with them."""
+    module = ManyICLModule(TINY, forgetting=False, eval_max_new_tokens=4)
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=None)
+    plain = ManyShotDataModule(str(DATA / "many_icl_tiny_train.jsonl"), str(DATA / "many_icl_tiny_eval.jsonl"),
+                               tokenizer=TINY, max_length=160, eval_per_task=1, k_test=2)  # fmt: skip
+    trainer.validate(module, datamodule=plain, verbose=False)
+    assert "val/heldout_mean" not in trainer.callback_metrics
+    trainer.validate(module, datamodule=_datamodule(), verbose=False)
+    assert "val/heldout_mean" in trainer.callback_metrics
