@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -55,6 +54,7 @@ from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
 from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids
 from ftmods.reporting import log_table
+from ftmods.sft.loss import grouped_token_nll
 from ftmods.sft.module import SFTModule
 
 
@@ -276,8 +276,9 @@ class ManyICLModule(SFTModule):
             logits = self.model(**inputs, logits_to_keep=keep.to(self.device)).logits  # (C, K, V)
         else:
             logits = self.model(**inputs).logits[:, keep.to(self.device)]  # (C, K, V)
-        logp = -F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")  # (C, K)
-        return (logp * (targets != IGNORE_INDEX)).sum(-1).cpu()  # (C,)
+        rows = torch.arange(len(pairs), device=targets.device)[:, None].expand_as(targets)  # (C, K)
+        sums, _ = grouped_token_nll(logits, targets, rows, len(pairs))  # (C,)
+        return (-sums).cpu()  # (C,) summed log-probability of each continuation
 
     def _generate(self, prompts: list[list[int]], stop: str) -> list[str]:
         """Greedy continuations, stopped early at ``stop`` (the separator; every query of a DataModule shares it)."""

@@ -25,16 +25,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
-from ftmods.ops.tokens import IGNORE_INDEX, segment_ids_from_position_ids
+from ftmods.ops.tokens import segment_ids_from_position_ids
 from ftmods.s3ft.judges import BaseJudge, Verdict, make_judge
 from ftmods.s3ft.prompts import BANNED_PHRASES, PARAPHRASE_PROMPTS, PREDICT_PROMPTS, banned_phrase, render
-from ftmods.sft.loss import SFTLossOutput
+from ftmods.sft.loss import SFTLossOutput, grouped_token_nll
 from ftmods.sft.module import SFTModule
 
 SOURCES = ("model", "paraphrase", "gold")
@@ -246,19 +245,14 @@ class S3FTModule(SFTModule):
     def _per_source_nll(
         self, batch: dict[str, Tensor], logits: Tensor, targets: Tensor, keep: Tensor
     ) -> dict[str, Tensor]:
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")  # (B, K)
-        supervised = targets != IGNORE_INDEX  # (B, K)
         if "position_ids" in batch and "attention_mask" not in batch:  # packed: one source per segment
             segment = segment_ids_from_position_ids(batch["position_ids"])[:, keep.to(targets.device)]  # (1, K)
             source = batch["source_ids"].to(targets.device)[segment]  # (1, K)
         else:
             source = batch["source_ids"].to(targets.device)[:, None].expand_as(targets)  # (B, K)
-        out = {}
-        for index, name in enumerate(SOURCES):
-            mask = supervised & (source == index)
-            if mask.any():
-                out[name] = nll[mask].mean()
-        return out
+        sums, counts = grouped_token_nll(logits, targets, source, len(SOURCES))  # (3,), (3,)
+        present = counts.tolist()  # one device sync
+        return {name: sums[i] / counts[i] for i, name in enumerate(SOURCES) if present[i] > 0}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """The SFT step, plus ``train/loss_model``, ``train/loss_paraphrase``, ``train/loss_gold`` diagnostics."""

@@ -91,3 +91,33 @@ def sequence_mean_nll(
     denominator = count.clamp(min=1) if num_sequences is None else torch.as_tensor(num_sequences, device=nll.device)
     loss = per_seq_mean[has_tokens].sum() / denominator  # ()
     return SFTLossOutput(loss, nll.sum().detach(), supervised.sum().detach(), count.detach())
+
+
+def grouped_token_nll(
+    logits: Tensor, targets: Tensor, groups: Tensor, num_groups: int, *, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Summed NLL and supervised-token count per group (a row, a packed segment, a data source, ...).
+
+    Args:
+        logits: ``(..., V)`` next-token logits.
+        targets: ``(...)`` aligned target ids, ``ignore_index`` where not supervised.
+        groups: ``(...)`` group id in ``[0, num_groups)`` of each position.
+        num_groups: Number of groups.
+        ignore_index: Target value of unsupervised positions.
+
+    Returns:
+        ``(num_groups,)`` NLL sums (differentiable) and ``(num_groups,)`` token counts; a group's mean is sum / count,
+        its log-probability is ``-sum``.
+
+    Example:
+        >>> import math
+        >>> logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]]])  # p = (3/4, 1/4), (1/2, 1/2), ...
+        >>> sums, counts = grouped_token_nll(logits, torch.tensor([[0, 1, -100]]), torch.tensor([[0, 1, 1]]), 2)
+        >>> [round(v, 4) for v in sums.tolist()], counts.tolist()  # -log(3/4) = 0.2877; -log(1/2) = 0.6931
+        ([0.2877, 0.6931], [1.0, 1.0])
+    """
+    nll, supervised = _token_nll(logits, targets, ignore_index)  # (N,), (N,)
+    index = groups.reshape(-1).to(nll.device)  # (N,)
+    sums = nll.new_zeros(num_groups).index_add(0, index, nll)  # (G,) ignored positions contribute exactly 0
+    counts = nll.new_zeros(num_groups).index_add(0, index, supervised.to(nll.dtype))  # (G,)
+    return sums, counts

@@ -112,3 +112,23 @@ def test_flat_and_batched_inputs_agree():
     targets = torch.randint(0, 6, (2, 4))
     targets[0, 0] = -100
     assert_close(token_mean_nll(logits, targets).loss, token_mean_nll(logits.view(8, 6), targets.view(8)).loss)
+
+
+def test_grouped_token_nll_sums_and_counts_per_group():
+    """Uniform logits over V = 4: every supervised token costs ln 4 = 1.3863. Positions: group 0 has 2 supervised
+    tokens (sum 2 ln 4 = 2.7726), group 1 has 1 supervised and 1 ignored (sum ln 4), group 2 none (0, count 0)."""
+    import math
+
+    from ftmods.sft.loss import grouped_token_nll
+
+    logits = torch.zeros(1, 4, 4, requires_grad=True)
+    targets = torch.tensor([[1, 2, 3, -100]])
+    groups = torch.tensor([[0, 0, 1, 1]])
+    sums, counts = grouped_token_nll(logits, targets, groups, 3)
+    torch.testing.assert_close(sums, torch.tensor([2 * math.log(4), math.log(4), 0.0]))
+    assert counts.tolist() == [2.0, 1.0, 0.0]
+    sums[1].backward()
+    assert logits.grad is not None
+    assert logits.grad[0, 3].abs().sum() == 0  # the ignored position gets no gradient
+    assert logits.grad[0, :2].abs().sum() == 0  # other groups' positions neither
+    assert logits.grad[0, 2].abs().sum() > 0
