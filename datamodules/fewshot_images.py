@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_records
-from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
+from ftmods.datamodules.samplers import EpochShuffleSampler, RepeatGroupSampler, resumable_loader
 
 ClassSplit = Literal["all", "base", "new"]
 Mode = Literal["think", "no_think"]
@@ -571,6 +571,8 @@ class FewShotImageDataModule(LightningDataModule):
         seed: Seed of the shots, the choice lists and the shuffling.
         verify_images: Decode every image of the stage's datasets in ``setup`` (errors name file and record);
             otherwise images are checked when loaded.
+        num_iterations: GRPO's mu: yield every optimizer step's ``accumulate_grad_batches`` training batches this many
+            times in a row, so :class:`ftmods.cls_rl.CLSRLModule` (same ``num_iterations``) reuses their rollouts.
 
     Example::
 
@@ -608,9 +610,12 @@ class FewShotImageDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         verify_images: bool = False,
+        num_iterations: int = 1,
     ) -> None:
         super().__init__()
         _check_arguments(shots, num_choices, image_size, batch_size, eval_batch_size)
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
         _check_template("problem_template", problem_template, prefix="", choices="")
         for name, template in (("prompt_template", prompt_template), ("eval_prompt_template", eval_prompt_template)):
             if template is not None:
@@ -642,13 +647,29 @@ class FewShotImageDataModule(LightningDataModule):
         return [classes.names[i] for i in class_subset(len(classes), split)]
 
     def train_dataloader(self) -> Any:
-        """Shuffled by ``(seed, epoch)``, resumable mid-epoch (``StatefulDataLoader`` state in checkpoints)."""
-        dataset, seed = self._datasets("train")[0], self.hparams["seed"]
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        """Shuffled by ``(seed, epoch)``, resumable mid-epoch (``StatefulDataLoader`` state in checkpoints).
+
+        With ``num_iterations`` > 1 each group of ``accumulate_grad_batches`` batches comes ``num_iterations`` times
+        (:class:`ftmods.datamodules.samplers.RepeatGroupSampler`, which also splits the data over ranks).
+        """
+        dataset, seed, hp = self._datasets("train")[0], self.hparams["seed"], self.hparams
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        sampler: Any = EpochShuffleSampler(dataset, seed=seed, epoch=epoch)
+        if hp["num_iterations"] > 1:
+            sampler = RepeatGroupSampler(
+                dataset,
+                group_size=hp["batch_size"] * (trainer.accumulate_grad_batches if trainer is not None else 1),
+                repeats=hp["num_iterations"],
+                seed=seed,
+                epoch=epoch,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+            )
         return resumable_loader(
             dataset,
-            batch_size=self.hparams["batch_size"],
-            sampler=EpochShuffleSampler(dataset, seed=seed, epoch=epoch),
+            batch_size=hp["batch_size"],
+            sampler=sampler,
             collate_fn=collate_fewshot_images,
             num_workers=self.hparams["num_workers"],
         )
@@ -659,6 +680,10 @@ class FewShotImageDataModule(LightningDataModule):
 
     def test_dataloader(self) -> Any:
         """One loader per ``eval_splits`` subset (a single loader for one), in source order."""
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> Any:
+        """The test loaders (``predict`` answers every test image: :meth:`ftmods.cls_rl.CLSRLModule.predict_step`)."""
         return self._eval_loaders("test")
 
     # ---------------------------------------------------------------------------------------------------- helpers

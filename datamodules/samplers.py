@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -102,3 +102,52 @@ def epoch_loader(
         collate_fn=collate_fn,
         num_workers=num_workers,
     )
+
+
+class RepeatGroupSampler(DistributedSampler):
+    """A rank's share of a seeded per-epoch permutation, in groups of ``group_size`` indices yielded ``repeats`` times.
+
+    For GRPO with mu = ``repeats`` policy updates per generation batch (TRL's ``RepeatSampler``): with ``group_size =
+    batch_size * accumulate_grad_batches`` every optimizer step's micro-batches come back ``repeats`` times in a row,
+    so the module can reuse their rollouts. Each rank's list is padded (wrapping around) to a whole number of groups,
+    so groups never straddle batches or optimizer steps. It is a ``DistributedSampler``, so Lightning keeps it (and
+    calls :meth:`set_epoch`) under DDP instead of swapping in its own.
+
+    Example:
+        >>> sampler = RepeatGroupSampler(range(5), group_size=2, repeats=2, seed=0)
+        >>> order = list(sampler)
+        >>> len(order), order[:2] == order[2:4], order[4:6] == order[6:8]
+        (12, True, True)
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        *,
+        group_size: int,
+        repeats: int,
+        seed: int = 0,
+        epoch: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if group_size < 1 or repeats < 1:
+            raise ValueError(f"group_size ({group_size}) and repeats ({repeats}) must be >= 1")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        self.group_size, self.repeats = group_size, repeats
+        self.set_epoch(epoch)
+
+    def _groups(self) -> list[list[int]]:
+        indices = list(super().__iter__())  # this rank's share of the (seed + epoch) permutation
+        pad = -len(indices) % self.group_size
+        indices += (indices * (pad // max(len(indices), 1) + 1))[:pad]
+        return [indices[i : i + self.group_size] for i in range(0, len(indices), self.group_size)]
+
+    def __iter__(self) -> Iterator[int]:
+        """Each group ``repeats`` times in a row."""
+        return iter([i for group in self._groups() for _ in range(self.repeats) for i in group])
+
+    def __len__(self) -> int:
+        """Padded share times ``repeats``."""
+        share = super().__len__()
+        return -(-share // self.group_size) * self.group_size * self.repeats

@@ -10,50 +10,18 @@ Run ``python configs/data/make_shapes.py`` from the repository root. Writes an I
   and shapes. Folder names use ``_`` for spaces (``red_circle``), as many real datasets do.
 
 Each image is one filled shape on a light background, with seeded jitter of position, size, rotation and
-background colour. Uses only Pillow; a test checks that the committed images equal :func:`make_shapes`' pixels.
+background colour (:func:`ftmods.models.shapes_toy.draw_shape`, which also draws the warm-start images of
+``tiny/qwen2-vl-shapes``). A test checks that the committed images equal :func:`make_shapes`' pixels.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from ftmods.models.shapes_toy import CLASSES, SIZE, draw_shape
 
 HERE = Path(__file__).parent
-CLASSES = ("red circle", "blue square", "green triangle", "red square", "blue circle", "yellow star")
-COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 200, 30)}
-BACKGROUNDS = ((245, 245, 245), (230, 236, 242), (242, 236, 226))
-SIZE = 56
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of a square, triangle or five-pointed star of circumradius ``r``, rotated by ``angle`` radians."""
-    if shape == "star":
-        radii = [r if i % 2 == 0 else 0.45 * r for i in range(10)]
-        angles = [angle - math.pi / 2 + i * math.pi / 5 for i in range(10)]
-    else:
-        corners = {"square": 4, "triangle": 3}[shape]
-        radii = [r] * corners
-        start = -math.pi / 2 if shape == "triangle" else math.pi / 4
-        angles = [angle + start + i * 2 * math.pi / corners for i in range(corners)]
-    return [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for rad, a in zip(radii, angles, strict=True)]
-
-
-def draw_shape(name: str, rng: random.Random, size: int = SIZE) -> Image.Image:
-    """One ``"<colour> <shape>"`` image (palette mode: index 0 background, 1 shape) with seeded jitter."""
-    colour, shape = name.split(" ")
-    image = Image.new("P", (size, size), 0)
-    image.putpalette([*rng.choice(BACKGROUNDS), *COLOURS[colour]])
-    r = rng.uniform(0.22, 0.34) * size  # circumradius
-    cx, cy = (rng.uniform(r + 2, size - r - 2) for _ in range(2))
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=1)
-    return image
 
 
 def make_shapes(

@@ -17,6 +17,7 @@ from ftmods.cls_rl.loss import (
     group_advantages,
     grpo_loss,
 )
+from ftmods.cls_rl.module import CLSRLModule, Rollout, harmonic_mean, resolve_reward
 from ftmods.cls_rl.rewards import (
     REWARDS,
     accuracy_reward,
@@ -35,10 +36,12 @@ __all__ = [
     "NO_THINK_EVAL_PROMPT",
     "NO_THINK_PROMPT",
     "REWARDS",
+    "Rollout",
     "THINK_EVAL_PROMPT",
     "THINK_EVAL_PROMPT_B2N",
     "THINK_PROMPT",
     "CLSRLDefaults",
+    "CLSRLModule",
     "GRPOLossOutput",
     "accuracy_reward",
     "accuracy_rewards",
@@ -50,7 +53,9 @@ __all__ = [
     "format_reward",
     "format_rewards",
     "ground_truth",
+    "harmonic_mean",
     "group_advantages",
     "grpo_loss",
     "lenient_match",
+    "resolve_reward",
 ]

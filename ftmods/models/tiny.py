@@ -596,10 +596,18 @@ def _build_s3ft_toy(folder: Path) -> Path:
     return build_tiny_s3ft_toy(folder)
 
 
+def _build_shapes_vlm(folder: Path) -> Path:
+    """``tiny/qwen2-vl-shapes``: the tiny Qwen2-VL warm-started on coloured shapes (``ftmods.models.shapes_toy``)."""
+    from ftmods.models.shapes_toy import build_tiny_shapes_vlm
+
+    return build_tiny_shapes_vlm(folder)
+
+
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "causal-lm": build_tiny_causal_lm,
     "qwen2-lm": _build_qwen2_lm,
     "qwen2-vl": build_tiny_vlm,
+    "qwen2-vl-shapes": _build_shapes_vlm,
     "sd": build_tiny_sd_pipeline,
     "sdxl": _build_sdxl,
     "clip": build_tiny_clip,
