@@ -52,7 +52,7 @@ from torchmetrics import MeanMetric
 from ftmods.cls_rl.rewards import REWARDS, RewardFn, accuracy_reward, equality_reward, lenient_match
 from ftmods.datamodules.fewshot_images import encode_prompts
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_processor, load_vlm, spec_to_hparam
-from ftmods.models.sharding import fully_shard_model
+from ftmods.models.sharding import fully_shard_model, gather_root, vision_tower
 from ftmods.ops.grpo import (
     AdvantageScale,
     GRPOLossOutput,
@@ -366,6 +366,7 @@ class CLSRLModule(LightningModule):
         model, was_training = self.model, self.model.training
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
+        sharded = gather_root(model)  # FSDP2: images are encoded before the first forward (see gather_root)
         try:
             with torch.random.fork_rng(devices=devices, enabled=seed is not None):
                 if seed is not None:
@@ -375,6 +376,8 @@ class CLSRLModule(LightningModule):
                 )  # (N, P + T)
         finally:
             model.train(was_training)
+            if sharded:
+                model.reshard()
         return out[:, inputs["input_ids"].shape[1] :]  # (N, T)
 
     def decode(self, completion_ids: Tensor, mask: Tensor) -> list[str]:
@@ -765,14 +768,6 @@ def resolve_reward(name: str, *, strip_completion: bool = False) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward {name!r} is not callable")
     return fn  # type: ignore[no-any-return]
-
-
-def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision encoder of a VLM (``visual``, ``vision_tower`` or ``vision_model``), or None."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("visual", "vision_tower", "vision_model"):
-            return module
-    return None
 
 
 def _check_arguments(

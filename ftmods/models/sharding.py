@@ -14,6 +14,18 @@ def transformer_layer_classes(model: Any) -> set[str]:
     return set(names)
 
 
+VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+"""Attribute names of the vision encoder in transformers' VLMs (Qwen2-VL, LLaVA, Gemma3, ...)."""
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a VLM (first module named ``visual``, ``vision_tower`` or ``vision_model``), or None."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in VISION_TOWER_NAMES:
+            return module
+    return None
+
+
 def fully_shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = True, **fsdp_kwargs: Any) -> int:
     """Shard every transformer block as its own FSDP2 unit, then the root (embeddings, head, norms).
 
@@ -35,3 +47,22 @@ def fully_shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: boo
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     return len(blocks)
+
+
+def gather_root(model: nn.Module) -> bool:
+    """Prepare an FSDP2-sharded model for calls that do not start with its forward (``generate`` of a VLM).
+
+    transformers (5.x) encodes the images of a VLM in ``generate`` before the first forward, i.e. it calls the vision
+    tower directly: FSDP2 would then take a vision block for the root and fail once the real root runs. This runs the
+    root's lazy initialisation first and gathers the root unit's parameters (embeddings, head, the tower's patch
+    embedding and merger); sharded blocks still gather their own in their forwards. Undo with ``model.reshard()``.
+
+    Returns:
+        Whether ``model`` is an FSDP2 module (and was gathered).
+    """
+    if not (hasattr(model, "unshard") and hasattr(model, "_get_fsdp_state")):
+        return False
+    fsdp: Any = model
+    fsdp._get_fsdp_state()._lazy_init()  # private in torch 2.x; idempotent
+    fsdp.unshard()
+    return True

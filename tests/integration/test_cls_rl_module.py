@@ -19,10 +19,11 @@ from support.callbacks import KillAt
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
 from ftmods.cls_rl import CLSRLModule
-from ftmods.cls_rl.module import REFERENCE_PREFIX, harmonic_mean, vision_tower
+from ftmods.cls_rl.module import REFERENCE_PREFIX, harmonic_mean
 from ftmods.datamodules import FewShotImageDataModule
 from ftmods.datamodules.fewshot_images import TRAIN_PROMPTS
 from ftmods.models.loading import LoRASpec
+from ftmods.models.sharding import vision_tower
 from ftmods.ops.grpo import completion_mask
 
 REPO = Path(__file__).resolve().parents[2]
