@@ -344,7 +344,7 @@ def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] 
     return path
 
 
-def build_tiny_vlm(folder: str | Path) -> Path:
+def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl") -> Path:
     """Build a tiny random Qwen2-VL (about 0.2 M parameters) and its ``Qwen2VLProcessor`` into ``folder``.
 
     The tokenizer is the tiny ChatML tokenizer plus ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>`` and
@@ -353,8 +353,12 @@ def build_tiny_vlm(folder: str | Path) -> Path:
     2x2 into 4 ``<|image_pad|>`` tokens. The language model has the causal LM's dimensions with M-RoPE sections
     (2, 3, 3); the vision tower has depth 2, embed dim 32, 4 heads and a merger to the text hidden size 64.
 
+    ``arch="qwen2_5_vl"`` builds a Qwen2.5-VL instead (vision: hidden 32, MLP 64, merger output 64, window attention
+    with a 56-pixel window, block 1 full attention) with the same tokenizer and processor.
+
     Args:
         folder: Output folder (created if missing).
+        arch: ``qwen2_vl`` or ``qwen2_5_vl``.
 
     Returns:
         ``folder``, loadable with ``AutoModelForImageTextToText`` / ``AutoProcessor``. Note that in transformers 5 the
@@ -382,7 +386,35 @@ def build_tiny_vlm(folder: str | Path) -> Path:
         tokenizer=tokenizer,
         chat_template=QWEN2_VL_TEMPLATE,
     )
-    config = Qwen2VLConfig(
+    config_cls: Any = Qwen2VLConfig
+    model_cls: Any = Qwen2VLForConditionalGeneration
+    vision: dict[str, Any] = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,  # merger output = text hidden size
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": 64,  # merger output = text hidden size
+            "num_heads": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+    config = config_cls(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": 64,
@@ -396,23 +428,14 @@ def build_tiny_vlm(folder: str | Path) -> Path:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 64,  # merger output = text hidden size
-            "num_heads": 4,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=_token_id(tokenizer, "<|image_pad|>"),
         video_token_id=_token_id(tokenizer, "<|video_pad|>"),
         vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
         vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
     )
     with _seeded():
-        model = Qwen2VLForConditionalGeneration(config)
+        model = model_cls(config)
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -596,6 +619,10 @@ def _build_s3ft_toy(folder: Path) -> Path:
     return build_tiny_s3ft_toy(folder)
 
 
+def _build_qwen2_5_vl(folder: Path) -> Path:
+    return build_tiny_vlm(folder, arch="qwen2_5_vl")
+
+
 def _build_shapes_vlm(folder: Path) -> Path:
     """``tiny/qwen2-vl-shapes``: the tiny Qwen2-VL warm-started on coloured shapes (``ftmods.models.shapes_toy``)."""
     from ftmods.models.shapes_toy import build_tiny_shapes_vlm
@@ -608,6 +635,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "qwen2-lm": _build_qwen2_lm,
     "qwen2-vl": build_tiny_vlm,
     "qwen2-vl-shapes": _build_shapes_vlm,
+    "qwen2.5-vl": _build_qwen2_5_vl,
     "sd": build_tiny_sd_pipeline,
     "sdxl": _build_sdxl,
     "clip": build_tiny_clip,

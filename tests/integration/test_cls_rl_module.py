@@ -63,11 +63,12 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------- log-probs
 
 
-def test_training_logprobs_equal_generate_logprobs_for_2_prompts_x_4_samples():
+@pytest.mark.parametrize("pretrained", ["tiny/qwen2-vl", "tiny/qwen2.5-vl"])
+def test_training_logprobs_equal_generate_logprobs_for_2_prompts_x_4_samples(pretrained):
     """The scoring forward (prompt + completion, each image's patches repeated per sample, ``mm_token_type_ids``
     extended with zeros) gives the log-probs of ``generate``'s own logits, to float32 rounding (spec §7: 4.8e-7).
     R1-V's ``pixel_values.repeat(G, 1)`` puts prompt 1's image under prompt 0's samples and misses by far more."""
-    module = _module("tiny/qwen2-vl", num_generations=4)
+    module = _module(pretrained, num_generations=4)
     module.configure_model()
     batch = _batch(_data())
     assert batch["labels"][0] != batch["labels"][1] or batch["ids"][0] != batch["ids"][1]  # two different images
@@ -196,6 +197,14 @@ def test_completion_table_is_written(tmp_path):
     assert len(rows) == 3
     assert '"completion"' in rows[0]
     assert '"advantage"' in rows[0]
+
+
+def test_qwen2_5_vl_trains(tmp_path):
+    module = _module("tiny/qwen2.5-vl", rewards=["support.rewards.length_parity"])
+    module.configure_model()
+    before = _snapshot(module.model)
+    _trainer(tmp_path, max_steps=2).fit(module, datamodule=_data())
+    assert any(not torch.equal(before[n], p) for n, p in module.model.named_parameters())
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
