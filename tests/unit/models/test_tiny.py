@@ -327,7 +327,10 @@ def test_resolve_passes_other_names_through(name: str) -> None:
 
 def test_is_tiny_id() -> None:
     assert all(is_tiny_id(f"tiny/{name}") for name in TINY_MODELS)
-    assert set(TINY_MODELS) == {"causal-lm", "qwen2-lm", "qwen2-vl", "sd", "sdxl", "clip", "locft-toy", "s3ft-toy"}
+    assert set(TINY_MODELS) == {
+        "causal-lm", "qwen2-lm", "qwen2-vl", "qwen2.5-vl", "qwen2-vl-shapes", "sd", "sdxl", "clip", "locft-toy",
+        "s3ft-toy",
+    }  # fmt: skip
     for name in ["tiny/", "tiny/nope", "causal-lm", "TINY/causal-lm", "tiny/causal-lm/"]:
         assert not is_tiny_id(name)
 
@@ -468,3 +471,12 @@ def test_concurrent_resolution_from_two_processes(tmp_path: Path, monkeypatch: p
     expected = load_file(build_tiny_clip(tmp_path / "reference") / "model.safetensors")
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_shapes_toy_is_partly_right_in_both_modes() -> None:
+    """The warm start is short on purpose: formats learnt, classes partly (chance is 1/6), so GRPO has signal."""
+    path = Path(resolve_pretrained("tiny/qwen2-vl-shapes"))
+    sidecar = json.loads((path / "ftmods_shapes_toy.json").read_text())
+    for mode in ("think", "no_think"):
+        assert 0.2 <= sidecar["greedy_accuracy"][mode] <= 0.8, sidecar
+    assert (path / "model.safetensors").is_file()
