@@ -595,6 +595,42 @@ def build_tiny_clip(folder: str | Path) -> Path:
     return path
 
 
+OPEN_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPEN_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_tiny_open_clip(folder: str | Path) -> Path:
+    """Build a tiny random OpenCLIP model into ``folder`` as an ``open_clip`` ``local-dir`` (a CLIP-score stand-in).
+
+    Writes ``open_clip_config.json`` (``model_cfg``: embed dim 16; vision: image 32, patch 8, width 32, 2 layers;
+    text: 16 positions, the standard 49,408-token BPE vocabulary (the tokenizer ships with open_clip), width 32, 2
+    layers; ``preprocess_cfg``: the CLIP mean / std) and ``open_clip_model.safetensors``. About 1.6 M parameters.
+
+    Args:
+        folder: Output folder (created if missing).
+
+    Returns:
+        ``folder``; load with ``open_clip.create_model_and_transforms(f"local-dir:{folder}")``.
+    """
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = _as_dir(folder)
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    with _seeded():
+        model = open_clip.CLIP(**config)
+    preprocess = {"mean": list(OPEN_CLIP_MEAN), "std": list(OPEN_CLIP_STD)}
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return path
+
+
 def _build_qwen2_lm(folder: Path) -> Path:
     """``tiny/qwen2-lm``: the tiny causal LM with the Qwen2 architecture."""
     return build_tiny_causal_lm(folder, arch="qwen2")
@@ -639,6 +675,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd": build_tiny_sd_pipeline,
     "sdxl": _build_sdxl,
     "clip": build_tiny_clip,
+    "open-clip": build_tiny_open_clip,
     "locft-toy": _build_locft_toy,
     "s3ft-toy": _build_s3ft_toy,
 }
@@ -720,8 +757,8 @@ def _build_atomically(builder: Callable[[Path], Path], target: Path) -> None:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private (0o700); the cache is an ordinary folder
         builder(tmp)
-        if not any((tmp / name).is_file() for name in ("config.json", "model_index.json")):
-            raise RuntimeError(f"tiny build of {target.name} wrote no config.json / model_index.json; not published")
+        if not any((tmp / name).is_file() for name in ("config.json", "model_index.json", "open_clip_config.json")):
+            raise RuntimeError(f"tiny build of {target.name} wrote no config file; not published")
         os.rename(tmp, target)  # atomic; fails if another process renamed a non-empty folder there first
     except OSError:
         if not target.is_dir():

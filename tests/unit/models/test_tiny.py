@@ -328,8 +328,8 @@ def test_resolve_passes_other_names_through(name: str) -> None:
 def test_is_tiny_id() -> None:
     assert all(is_tiny_id(f"tiny/{name}") for name in TINY_MODELS)
     assert set(TINY_MODELS) == {
-        "causal-lm", "qwen2-lm", "qwen2-vl", "qwen2.5-vl", "qwen2-vl-shapes", "sd", "sdxl", "clip", "locft-toy",
-        "s3ft-toy",
+        "causal-lm", "qwen2-lm", "qwen2-vl", "qwen2.5-vl", "qwen2-vl-shapes", "sd", "sdxl", "clip", "open-clip",
+        "locft-toy", "s3ft-toy",
     }  # fmt: skip
     for name in ["tiny/", "tiny/nope", "causal-lm", "TINY/causal-lm", "tiny/causal-lm/"]:
         assert not is_tiny_id(name)
