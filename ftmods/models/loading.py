@@ -214,6 +214,7 @@ def load_diffusion_parts(
     added to the UNet with ``unet.add_adapter`` (diffusers' peft integration), so ``disable_adapters()`` gives the
     reference UNet.
     """
+    import transformers
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -229,11 +230,12 @@ def load_diffusion_parts(
     for suffix in ("", "_2"):
         if f"text_encoder{suffix}" not in config:
             continue
-        encoders.append(
-            AutoModel.from_pretrained(path, subfolder=f"text_encoder{suffix}", dtype=dtype, **common).requires_grad_(
-                False
-            )
-        )
+        # the class the pipeline names (CLIPTextModelWithProjection for SDXL's second encoder: AutoModel would drop
+        # the projection and with it the pooled embedding)
+        library, class_name = config[f"text_encoder{suffix}"]
+        encoder_cls = getattr(transformers, class_name, AutoModel) if library == "transformers" else AutoModel
+        encoder = encoder_cls.from_pretrained(path, subfolder=f"text_encoder{suffix}", dtype=dtype, **common)
+        encoders.append(encoder.requires_grad_(False))
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{suffix}", **common))
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **model_kwargs)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **model_kwargs).requires_grad_(False)

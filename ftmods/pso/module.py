@@ -1,0 +1,680 @@
+"""``PSOModule``: pairwise sample optimization for timestep-distilled diffusion models (arXiv:2410.03190).
+
+Implemented (spec pso §3, §5, §12):
+
+- **Offline** (automatic optimization): each pair is a target image ``x+`` and a reference sample ``x-`` of the
+  frozen distilled model for the same caption (pre-generated once into the DataModule's latent cache at the start of
+  ``fit``, seeded per row) or the dataset's loser. One timestep ``t`` from the distilled set ``T_K`` and one noise are
+  shared by the pair and by policy and reference; the loss is :func:`ftmods.pso.loss.pso_sigmoid_loss` (DPO form on
+  the denoising errors, lambda-weighted reference error) or the reference-free ``hinge`` (``pso_db``), plus an optional
+  prior term on the reference sample.
+- **Online** (manual optimization): pairs of trajectories of the current model for each prompt, sampled with the
+  distilled stochastic sampler (Euler-ancestral for Turbo, re-noising for LCM / DMD2) under ``no_grad``, per-sample
+  noise; a reward model picks the winner (ties skipped or given to the second sample); every stochastic transition is
+  trained with :func:`ftmods.pso.loss.online_pso_loss` (clipped transition-likelihood ratio against the reference).
+- SD 1.x / 2.x and SDXL UNets (SDXL micro-conditioning from the batch), epsilon- and v-prediction from the scheduler
+  config, the timestep presets of :data:`ftmods.pso.loss.TIMESTEP_PRESETS`, LoRA (reference = adapters disabled) or
+  full fine-tuning (reference = a frozen copy, left out of checkpoints).
+- Validation: few-step images with the model-native scheduler at cfg 0 and fixed seeds, written as a PNG grid and sent
+  to TensorBoard / W&B, with the reward's mean as ``val/reward`` when a reward model is set.
+- Export (:meth:`PSOModule.save_pretrained`): diffusers-format LoRA (``pytorch_lora_weights.safetensors``, loads with
+  ``pipe.load_lora_weights``) or the whole pipeline after full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
+from ftmods.pso.loss import (
+    TIMESTEP_PRESETS,
+    denoising_error,
+    distilled_timesteps,
+    euler_ancestral_step,
+    gaussian_logprob,
+    online_pso_loss,
+    pso_hinge_loss,
+    pso_sigmoid_loss,
+    renoise_step,
+)
+
+Reward = Callable[[Tensor, Sequence[str]], Tensor]
+REFERENCE_PREFIX = "ref_unet."
+
+
+class PSOModule(LightningModule):
+    """PSO fine-tuning of a few-step (timestep-distilled) Stable Diffusion / SDXL model.
+
+    Args:
+        pretrained: Hub id, local folder or ``tiny/sd`` / ``tiny/sdxl`` of a diffusers SD / SDXL pipeline.
+        mode: ``offline`` (target vs reference-sample pairs from the DataModule) or ``online`` (pairs of the current
+            model's samples ranked by ``reward``).
+        loss: Offline surrogate: ``sigmoid`` (the PSO / Diffusion-DPO form, needs the reference model) or ``hinge``
+            (``pso_db`` of the DreamBooth scripts, no reference pass).
+        beta: Inverse temperature. Offline ``sigmoid``: multiplies the error margin (no 0.5 factor: Diffusion-DPO's
+            ``beta_dpo`` is ``2 * beta``); ``hinge``: 5 in the DreamBooth scripts; online: 50.
+        neg_weight: lambda, weight of the reference sample's error in the margin (1 = Diffusion-DPO; DreamBooth 0.1).
+        prior_loss_weight: Adds ``weight * mean e_theta(x-)``, the self-sample prior term (DreamBooth scripts: 0.5).
+        reference_model: ``initial_frozen`` (the model as loaded: adapters disabled, or a frozen copy after full
+            fine-tuning) or ``none`` (no reference pass; only with ``loss="hinge"`` offline).
+        timesteps: The distilled training set ``T_K``: a preset name of :data:`ftmods.pso.loss.TIMESTEP_PRESETS`
+            (``sdxl-turbo``, ``dmd2``, ``lcm``, ...), an explicit list, or ``None`` = trailing ``num_inference_steps``.
+        num_inference_steps: Steps of the model-native sampler for validation and reference samples (4).
+        rollout_steps: Online: steps of the training rollouts (``None`` = ``num_inference_steps``); all but the last,
+            deterministic, transition are trained.
+        sampler: Online: ``euler_ancestral`` (SDXL-Turbo) or ``renoise`` (LCM / DMD2); ``None`` = from the scheduler.
+        ratio_clip: Online: clip of the transition-likelihood ratio (0.1).
+        reward: Online (required) and validation (optional): ``(images in [0, 1], prompts) -> (B,)``, e.g.
+            :class:`ftmods.pso.rewards.PickScoreReward`.
+        tie_policy: Online, equal rewards: ``skip`` (zero loss, as the DMD2 script) or ``second_wins`` (Turbo script).
+        online_accumulate: Online: prompt batches per optimizer step (gradients of all trained transitions add up).
+        lora: Train a LoRA adapter on the UNet (targets e.g. ``[to_q, to_k, to_v, to_out.0]``); ``None`` = full UNet.
+        load: How to load the pipeline (dtype, gradient checkpointing).
+        resolution: Image side of validation / reference samples (and SDXL's target size).
+        guidance_scale: Classifier-free guidance of validation / reference sampling (0 for Turbo / DMD2).
+        val_seed: Seed of the validation images.
+        seed: Seed of training noise, timesteps and rollouts (per step and rank, so resumed runs repeat them).
+        optimizer: Optimizer factory; default AdamW(lr=1e-5, weight_decay=1e-4).
+        lr_scheduler: Scheduler factory (stepped per optimizer step).
+        gradient_clip_val: Online: gradient-norm clip (manual optimization clips itself; offline uses the Trainer's).
+
+    Example::
+
+        module = PSOModule("stabilityai/sdxl-turbo", timesteps="sdxl-turbo",
+                           lora=LoRASpec(r=32, alpha=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        Trainer(precision="bf16-mixed").fit(module, datamodule=PSODataModule("pairs.parquet", ...))
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        mode: Literal["offline", "online"] = "offline",
+        loss: Literal["sigmoid", "hinge"] = "sigmoid",
+        beta: float = 2500.0,
+        neg_weight: float = 1.0,
+        prior_loss_weight: float = 0.0,
+        reference_model: Literal["initial_frozen", "none"] = "initial_frozen",
+        timesteps: str | list[int] | None = None,
+        num_inference_steps: int = 4,
+        rollout_steps: int | None = None,
+        sampler: Literal["euler_ancestral", "renoise"] | None = None,
+        ratio_clip: float = 0.1,
+        reward: Any = None,
+        tie_policy: Literal["skip", "second_wins"] = "skip",
+        online_accumulate: int = 1,
+        lora: LoRASpec | None = None,
+        load: LoadOptions | None = None,
+        resolution: int = 512,
+        guidance_scale: float = 0.0,
+        val_seed: int = 0,
+        seed: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_val: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        if reference_model == "none" and (loss == "sigmoid" or mode == "online"):
+            raise ValueError("reference_model='none' needs loss='hinge' in offline mode (sigmoid and online use it)")
+        if mode == "online" and reward is None:
+            raise ValueError("mode='online' needs a reward model (e.g. ftmods.pso.rewards.PickScoreReward)")
+        if isinstance(timesteps, str) and timesteps not in TIMESTEP_PRESETS:
+            raise ValueError(f"unknown timestep preset {timesteps!r}; presets: {sorted(TIMESTEP_PRESETS)}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward"])
+        self.hparams["load"], self.hparams["lora"] = spec_to_hparam(load), spec_to_hparam(lora)
+        self.hparams["reward"] = None if reward is None else f"{type(reward).__module__}.{type(reward).__qualname__}"
+        self.load_options = coerce_spec(LoadOptions, load) or LoadOptions()
+        self.lora = coerce_spec(LoRASpec, lora)
+        self.reward = reward
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.automatic_optimization = mode == "offline"
+        self.unet: Any = None
+        self.ref_unet: Any = None
+        self.vae: Any = None
+        self.text_encoders: Any = None
+        self.tokenizers: list[Any] = []
+        self.noise_scheduler: Any = None
+        self._pipeline: Any = None
+        self.val_reward = MeanMetric()
+
+    # ------------------------------------------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Load UNet, VAE, text encoder(s), tokenizer(s) and scheduler (once), add LoRA or the frozen reference copy."""
+        if self.unet is not None:
+            return
+        parts = load_diffusion_parts(self.hparams["pretrained"], self.load_options, unet_lora=self.lora)
+        self.unet = parts.unet.train()
+        self.vae = parts.vae.eval()
+        self.text_encoders = nn.ModuleList(parts.text_encoders).eval()
+        self.tokenizers = parts.tokenizers
+        self.noise_scheduler = parts.scheduler
+        if self.lora is None and self.hparams["reference_model"] == "initial_frozen":
+            self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        if self.reward is not None and hasattr(self.reward, "load"):
+            self.reward.load()
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL (two text encoders, micro-conditioning)."""
+        return len(self.tokenizers) == 2
+
+    @property
+    def pipeline(self) -> Any:
+        """A diffusers pipeline over this module's parts (built once; shares the modules, copies nothing)."""
+        if self._pipeline is None:
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+            if self.is_xl:
+                self._pipeline = StableDiffusionXLPipeline(
+                    vae=self.vae,
+                    text_encoder=self.text_encoders[0],
+                    text_encoder_2=self.text_encoders[1],
+                    tokenizer=self.tokenizers[0],
+                    tokenizer_2=self.tokenizers[1],
+                    unet=self.unet,
+                    scheduler=copy.deepcopy(self.noise_scheduler),
+                    force_zeros_for_empty_prompt=True,
+                )
+            else:
+                self._pipeline = StableDiffusionPipeline(
+                    vae=self.vae,
+                    text_encoder=self.text_encoders[0],
+                    tokenizer=self.tokenizers[0],
+                    unet=self.unet,
+                    scheduler=copy.deepcopy(self.noise_scheduler),
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    def train_timesteps(self) -> list[int]:
+        """The distilled training set ``T_K`` (preset, explicit list, or trailing ``num_inference_steps``)."""
+        spec = self.hparams["timesteps"]
+        if isinstance(spec, str):
+            return list(TIMESTEP_PRESETS[spec])
+        if spec is not None:
+            return [int(t) for t in spec]
+        train_steps = int(self.noise_scheduler.config.num_train_timesteps)
+        return distilled_timesteps(self.hparams["num_inference_steps"], train_steps)
+
+    @contextlib.contextmanager
+    def reference_unet(self) -> Iterator[Any]:
+        """The frozen initial UNet: the same UNet with adapters disabled (LoRA) or the frozen copy."""
+        if self.ref_unet is not None:
+            yield self.ref_unet
+        elif self.lora is not None:
+            self.unet.disable_adapters()
+            try:
+                yield self.unet
+            finally:
+                self.unet.enable_adapters()
+        else:
+            raise RuntimeError("no reference model (reference_model='none')")
+
+    # ---------------------------------------------------------------------------------------------- encoding
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        digest = hashlib.sha256(":".join(str(k) for k in (self.hparams["seed"], *keys)).encode()).digest()
+        generator = torch.Generator(device=self.device)
+        return generator.manual_seed(int.from_bytes(digest[:8], "little") % (2**63 - 1))
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """VAE latents (scaled by the VAE's ``scaling_factor``) of ``(B, 3, H, W)`` images in ``[-1, 1]``."""
+        vae = self.vae
+        posterior = vae.encode(images.to(device=self.device, dtype=vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)  # (B, C, h, w)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str], batch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """UNet conditioning: ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs`` (pooled text, time ids)."""
+        pipe, captions = self.pipeline, list(captions)
+        if not self.is_xl:
+            embeds = pipe.encode_prompt(captions, self.device, 1, False)[0]
+            return {"encoder_hidden_states": embeds}
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        size = self.hparams["resolution"]
+        count = len(captions)
+        original = batch.get("original_sizes") if batch is not None else None
+        crops = batch.get("crop_top_lefts") if batch is not None else None
+        original_t = torch.as_tensor(original if original is not None else [[size, size]] * count)
+        crops_t = torch.as_tensor(crops if crops is not None else [[0, 0]] * count)
+        target = torch.tensor([[size, size]] * count)
+        time_ids = torch.cat([original_t, crops_t, target], 1).to(self.device, embeds.dtype)  # (B, 6)
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def _unet(self, unet: Any, latents: Tensor, timesteps: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        return unet(latents, timesteps, **cond).sample
+
+    @staticmethod
+    def _repeat_cond(cond: Mapping[str, Any], times: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"].repeat(times, 1, 1)}
+        if "added_cond_kwargs" in cond:
+            out["added_cond_kwargs"] = {k: v.repeat(times, 1) for k, v in cond["added_cond_kwargs"].items()}
+        return out
+
+    # ----------------------------------------------------------------------------------------------- offline
+
+    def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+        """Per-pair denoising errors of policy (and reference) on target and reference latents, shared ``t`` and noise.
+
+        Returns ``policy_win`` / ``policy_lose`` ``(B,)`` (differentiable) and ``ref_win`` / ``ref_lose`` (no grad,
+        absent without a reference model), plus ``timesteps`` ``(B,)``.
+        """
+        win = self.encode_images(batch["target"], generator)  # (B, C, h, w)
+        if "reference_latents" in batch:
+            lose = batch["reference_latents"].to(device=self.device, dtype=win.dtype)
+        elif "reference" in batch:
+            lose = self.encode_images(batch["reference"], generator)
+        else:
+            raise ValueError("offline PSO batches need 'reference_latents' or 'reference' (see PSODataModule)")
+        count = win.shape[0]
+        choices = torch.tensor(self.train_timesteps(), device=self.device)
+        index = torch.randint(len(choices), (count,), generator=generator, device=self.device)
+        timesteps = choices[index]  # (B,)
+        noise = torch.randn(win.shape, generator=generator, device=self.device, dtype=win.dtype)  # (B, C, h, w)
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps].view(-1, 1, 1, 1).to(win.dtype)
+        latents = torch.cat([win, lose])  # (2B, C, h, w)
+        noise2, alphas2, t2 = noise.repeat(2, 1, 1, 1), alphas.repeat(2, 1, 1, 1), timesteps.repeat(2)
+        noisy = alphas2.sqrt() * latents + (1 - alphas2).sqrt() * noise2  # VP form (= Euler input x / sqrt(s^2+1))
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = alphas2.sqrt() * noise2 - (1 - alphas2).sqrt() * latents
+        else:
+            target = noise2
+        cond = self._repeat_cond(self.encode_prompts(batch["captions"], batch), 2)
+        unet_dtype = next(self.unet.parameters()).dtype
+        pred = self._unet(self.unet, noisy.to(unet_dtype), t2, cond)
+        errors = denoising_error(pred, target)  # (2B,)
+        out = {"policy_win": errors[:count], "policy_lose": errors[count:], "timesteps": timesteps}
+        if self.hparams["reference_model"] != "none" and self.hparams["loss"] == "sigmoid":
+            with torch.no_grad(), self.reference_unet() as ref:
+                ref_errors = denoising_error(self._unet(ref, noisy.to(unet_dtype), t2, cond), target)  # (2B,)
+            out["ref_win"], out["ref_lose"] = ref_errors[:count], ref_errors[count:]
+        return out
+
+    def offline_loss(self, errors: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The configured offline loss and its logs."""
+        hp = self.hparams
+        if hp["loss"] == "sigmoid":
+            out = pso_sigmoid_loss(
+                errors["policy_win"],
+                errors["policy_lose"],
+                errors["ref_win"],
+                errors["ref_lose"],
+                beta=hp["beta"],
+                neg_weight=hp["neg_weight"],
+                prior_weight=hp["prior_loss_weight"],
+            )
+        else:
+            out = pso_hinge_loss(
+                errors["policy_win"],
+                errors["policy_lose"],
+                beta=hp["beta"],
+                neg_weight=hp["neg_weight"],
+                ref_win_err=errors.get("ref_win"),
+                ref_lose_err=errors.get("ref_lose"),
+                prior_weight=hp["prior_loss_weight"],
+            )
+        loss = out.loss
+        logs = {
+            "loss": loss.detach(),
+            "preference_loss": out.preference_loss,
+            "implicit_accuracy": out.implicit_accuracy,
+            "logit": out.mean_logit,
+            "policy_err_win": errors["policy_win"].detach().mean(),
+            "policy_err_lose": errors["policy_lose"].detach().mean(),
+        }
+        if "ref_win" in errors:
+            logs["ref_err_win"], logs["ref_err_lose"] = errors["ref_win"].mean(), errors["ref_lose"].mean()
+        return loss, logs
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+        """Offline: one pair batch, automatic optimization. Online: rollouts, ranking, per-transition updates."""
+        generator = self._generator(self.current_epoch, batch_idx, self.global_rank)
+        if self.hparams["mode"] == "online":
+            self._online_step(batch, batch_idx, generator)
+            return None
+        loss, logs = self.offline_loss(self.pair_errors(batch, generator))
+        size = len(batch["captions"])
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", "implicit_accuracy"), batch_size=size,
+                     sync_dist=True)  # fmt: skip
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ online
+
+    def _sampler(self) -> str:
+        if self.hparams["sampler"] is not None:
+            return str(self.hparams["sampler"])
+        name = type(self.noise_scheduler).__name__
+        return "renoise" if "LCM" in name else "euler_ancestral"
+
+    def _prediction_type(self) -> Literal["epsilon", "v_prediction"]:
+        kind = self.noise_scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"PSO supports epsilon and v_prediction UNets, not {kind!r}")
+        return kind  # type: ignore[no-any-return]
+
+    def _as_eps(self, output: Tensor, x_vp: Tensor, alpha_bar: Tensor) -> Tensor:
+        """The UNet output as epsilon: ``eps = sqrt(a) v + sqrt(1 - a) x`` for v-prediction (VP-form input ``x``)."""
+        if self._prediction_type() == "epsilon":
+            return output
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * x_vp
+
+    @torch.no_grad()
+    def rollout(self, captions: Sequence[str], generator: torch.Generator) -> dict[str, Any]:
+        """Two trajectories per prompt with the current policy, under ``no_grad``.
+
+        Returns latents ``(K+1, 2B, C, h, w)``, timesteps, final images in ``[0, 1]`` and the prompts. Rows
+        ``0..B-1`` are sample 0 of each prompt, ``B..2B-1`` sample 1.
+        """
+        steps = self.hparams["rollout_steps"] or self.hparams["num_inference_steps"]
+        scheduler = copy.deepcopy(self.noise_scheduler)
+        scheduler.set_timesteps(steps, device=self.device)
+        timesteps = scheduler.timesteps[:steps].round().long()  # (K,) Euler schedulers store floats
+        prompts = list(captions) * 2
+        cond = self.encode_prompts(prompts)
+        size = self.hparams["resolution"] // (2 ** (len(self.vae.config.block_out_channels) - 1))
+        shape = (len(prompts), self.unet.config.in_channels, size, size)
+        unet_dtype = next(self.unet.parameters()).dtype
+        x = torch.randn(shape, generator=generator, device=self.device)  # (2B, C, h, w)
+        euler = self._sampler() == "euler_ancestral"
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)
+        sigmas = ((1 - alphas) / alphas).sqrt()
+        if euler:
+            x = x * (sigmas[timesteps[0]] ** 2 + 1).sqrt()  # Euler space x = x0 + sigma * eps
+        states = [x]
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            for k, t in enumerate(timesteps):
+                scale = (sigmas[t] ** 2 + 1).sqrt() if euler else torch.ones((), device=self.device)
+                out = self._unet(self.unet, (x / scale).to(unet_dtype), t.expand(len(prompts)), cond).float()
+                last = k == steps - 1
+                if euler:
+                    sigma_to = torch.zeros((), device=self.device) if last else sigmas[timesteps[k + 1]]
+                    mean, std = euler_ancestral_step(x, self._as_eps(out, x / scale, alphas[t]), sigmas[t], sigma_to)
+                else:
+                    alpha_to = torch.ones((), device=self.device) if last else alphas[timesteps[k + 1]]
+                    mean, std = renoise_step(x, out, alphas[t], alpha_to, prediction_type=self._prediction_type())
+                noise = torch.randn(shape, generator=generator, device=self.device)
+                x = mean if last else mean + std * noise
+                states.append(x)
+        finally:
+            self.unet.train(was_training)
+        images = self.decode(x)
+        return {"states": torch.stack(states), "timesteps": timesteps, "images": images, "prompts": prompts}
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` from scaled latents."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def preferences(self, rewards: Tensor) -> Tensor:
+        """``(B, 2)`` signs (+1 preferred, -1 not, 0 0 for a skipped tie) from rewards ``(2B,)`` (samples 0, then 1)."""
+        first, second = rewards.view(2, -1)  # (B,), (B,)
+        signs = torch.stack([torch.sign(first - second), torch.sign(second - first)], 1)  # (B, 2)
+        if self.hparams["tie_policy"] == "second_wins":
+            tie = first == second
+            signs[tie] = torch.tensor([-1.0, 1.0], device=signs.device)
+        return signs
+
+    def transition_logprobs(self, unet: Any, rollout: Mapping[str, Any], k: int, cond: Mapping[str, Any]) -> Tensor:
+        """``(2B,)`` log-probabilities of the stored transition ``k`` under ``unet``."""
+        states, timesteps = rollout["states"], rollout["timesteps"]
+        x, x_next, t = states[k], states[k + 1], timesteps[k]
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)
+        sigmas = ((1 - alphas) / alphas).sqrt()
+        unet_dtype = next(self.unet.parameters()).dtype
+        count = x.shape[0]
+        if self._sampler() == "euler_ancestral":
+            scale = (sigmas[t] ** 2 + 1).sqrt()
+            out = self._unet(unet, (x / scale).to(unet_dtype), t.expand(count), cond).float()
+            eps = self._as_eps(out, x / scale, alphas[t])
+            mean, std = euler_ancestral_step(x, eps, sigmas[t], sigmas[timesteps[k + 1]])
+        else:
+            out = self._unet(unet, x.to(unet_dtype), t.expand(count), cond).float()
+            mean, std = renoise_step(
+                x, out, alphas[t], alphas[timesteps[k + 1]], prediction_type=self._prediction_type()
+            )
+        return gaussian_logprob(x_next, mean, std)  # (2B,)
+
+    def _online_step(self, batch: Mapping[str, Any], batch_idx: int, generator: torch.Generator) -> None:
+        hp = self.hparams
+        optimizer: Any = self.optimizers()
+        rollout = self.rollout(batch["captions"], generator)
+        assert self.reward is not None
+        rewards = self.reward(rollout["images"], rollout["prompts"]).to(self.device).float()  # (2B,)
+        signs = self.preferences(rewards)  # (B, 2)
+        cond = self.encode_prompts(rollout["prompts"])
+        trained = list(range(len(rollout["timesteps"]) - 1))  # the last transition is deterministic
+        order = torch.randperm(len(trained), generator=torch.Generator().manual_seed(batch_idx + hp["seed"])).tolist()
+        count = signs.shape[0]
+        totals: dict[str, list[Tensor]] = {"loss": [], "clip_fraction": [], "accuracy": []}
+        for index in order:
+            k = trained[index]
+            logp = self.transition_logprobs(self.unet, rollout, k, cond).view(2, count).T  # (B, 2)
+            with torch.no_grad(), self.reference_unet() as ref:
+                ref_logp = self.transition_logprobs(ref, rollout, k, cond).view(2, count).T  # (B, 2)
+            out = online_pso_loss(logp, ref_logp, signs, beta=hp["beta"], ratio_clip=hp["ratio_clip"])
+            self.manual_backward(out.loss / (len(trained) * hp["online_accumulate"]))
+            totals["loss"].append(out.loss.detach())
+            totals["clip_fraction"].append(torch.as_tensor(out.clip_fraction, dtype=torch.float32))
+            totals["accuracy"].append(torch.as_tensor(out.accuracy, dtype=torch.float32))
+        if (batch_idx + 1) % hp["online_accumulate"] == 0:
+            if hp["gradient_clip_val"]:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=hp["gradient_clip_val"], gradient_clip_algorithm="norm"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler: Any = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        size = count
+        self.log("train/loss", torch.stack(totals["loss"]).mean() if totals["loss"] else 0.0, prog_bar=True,
+                 batch_size=size, sync_dist=True)  # fmt: skip
+        self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/reward_margin", (rewards.view(2, -1)[0] - rewards.view(2, -1)[1]).abs().mean(),
+                 batch_size=size, sync_dist=True)  # fmt: skip
+        self.log("train/frac_ties", (signs.abs().sum(1) == 0).float().mean(), batch_size=size, sync_dist=True)
+        for name in ("clip_fraction", "accuracy"):
+            if totals[name]:
+                self.log(f"train/{name}", torch.stack(totals[name]).mean(), batch_size=size, sync_dist=True)
+
+    # --------------------------------------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def sample(self, captions: Sequence[str], *, seed: int | None = None, steps: int | None = None) -> Tensor:
+        """Few-step images ``(B, 3, H, W)`` in ``[0, 1]`` with the model-native scheduler (cfg ``guidance_scale``)."""
+        seed = self.hparams["val_seed"] if seed is None else seed
+        generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(len(captions))]
+        size = self.hparams["resolution"]
+        out = self.pipeline(
+            prompt=list(captions),
+            num_inference_steps=steps or self.hparams["num_inference_steps"],
+            guidance_scale=self.hparams["guidance_scale"],
+            height=size,
+            width=size,
+            generator=generators,
+            output_type="pt",
+        ).images
+        return out.float().clamp(0, 1)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Sample the validation prompts; log the image grid (first batch) and the reward."""
+        images = self.sample(batch["captions"], seed=self.hparams["val_seed"] + batch_idx * 1000)
+        if not torch.isfinite(images).all():
+            raise FloatingPointError("validation images contain NaN / inf (try an fp32 or fp16-fix VAE)")
+        if self.reward is not None:
+            self.val_reward.update(self.reward(images, list(batch["captions"])).mean(), weight=len(images))
+            self.log("val/reward", self.val_reward, on_epoch=True, prog_bar=True)
+        if batch_idx == 0:
+            log_image_grid(self.trainer, "val/images", images, list(batch["captions"]))
+
+    # -------------------------------------------------------------------------------------------- optimisers
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer over trainable UNet parameters (default AdamW lr 1e-5, wd 1e-4), plus scheduler."""
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen reference copy out (it is the pretrained UNet) and the frozen VAE / text encoders."""
+        state = checkpoint.get("state_dict", {})
+        frozen = (REFERENCE_PREFIX, "vae.", "text_encoders.")
+        for key in [k for k in state if k.startswith(frozen)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the frozen parts (rebuilt from ``pretrained`` in ``configure_model``) back before loading."""
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        for prefix, module in (
+            (REFERENCE_PREFIX, self.ref_unet),
+            ("vae.", self.vae),
+            ("text_encoders.", self.text_encoders),
+        ):
+            if module is not None:
+                for key, value in module.state_dict().items():
+                    state.setdefault(prefix + key, value)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Export in diffusers format.
+
+        LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(path)``); full fine-tuning: the whole
+        pipeline (``DiffusionPipeline.from_pretrained(path)``). ``state_dict`` (from sharded runs) is not used yet.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            type(self.pipeline).save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            self.pipeline.save_pretrained(path, safe_serialization=True)
+        return path
+
+    def on_fit_start(self) -> None:
+        """Offline with model samples as references: generate the missing ones into the DataModule's cache."""
+        data = getattr(self.trainer, "datamodule", None)
+        if self.hparams["mode"] != "offline" or data is None or not hasattr(data, "reference_requests"):
+            return
+        if data.hparams.get("reference_source", "model_samples") != "model_samples":
+            return
+        generate_references(self, data)
+
+
+def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> int:
+    """Sample the frozen initial model for every missing reference of ``data`` and write the latents to its cache.
+
+    Each rank takes every ``world``-th request; each request is sampled with its own seed (model-native scheduler,
+    ``num_inference_steps``, ``guidance_scale``), so the cache does not depend on the number of ranks.
+
+    Returns:
+        The number of references this rank generated.
+    """
+    from tqdm.auto import tqdm
+
+    from ftmods.datamodules.pso import save_reference_latents
+
+    trainer = module.trainer
+    requests = list(data.reference_requests())[trainer.global_rank :: trainer.world_size]
+    cache = data.hparams["reference_cache"]
+    if requests:
+        rank_zero_info(f"PSO: generating {len(requests)} reference samples per rank into {cache}")
+    pipe, size = module.pipeline, module.hparams["resolution"]
+    steps = module.hparams["num_inference_steps"]
+    with module.reference_unet() as unet:
+        original = pipe.unet
+        pipe.unet = unet
+        try:
+            for start in tqdm(range(0, len(requests), batch_size), disable=not trainer.is_global_zero or not requests,
+                              desc="reference samples"):  # fmt: skip
+                chunk = requests[start : start + batch_size]
+                generators = [torch.Generator(device=module.device).manual_seed(r.seed) for r in chunk]
+                with torch.no_grad():
+                    latents = pipe(prompt=[r.prompt for r in chunk], num_inference_steps=steps,
+                                   guidance_scale=module.hparams["guidance_scale"], height=size, width=size,
+                                   generator=generators, output_type="latent").images  # fmt: skip
+                for request, latent in zip(chunk, latents, strict=True):
+                    metadata = {"prompt": request.prompt, "seed": str(request.seed), "steps": str(steps),
+                                "model": str(module.hparams["pretrained"])}  # fmt: skip
+                    save_reference_latents(cache, request.key, latent.float().cpu(), metadata)
+        finally:
+            pipe.unet = original
+    trainer.strategy.barrier("pso_references")
+    return len(requests)
+
+
+def log_image_grid(trainer: Any, key: str, images: Tensor, captions: Sequence[str]) -> Path | None:
+    """Write ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` as one PNG grid and send it to the loggers.
+
+    The grid goes to ``<log_dir>/<key>/step=N.png`` with the captions in a ``.txt`` beside it, and to TensorBoard
+    (``add_image``) / W&B (``log_image``). Call on every rank; rank 0 writes.
+    """
+    from PIL import Image
+
+    log_dir = trainer.log_dir
+    if not trainer.is_global_zero:
+        return None
+    count = images.shape[0]
+    columns = min(count, 8)
+    rows = -(-count // columns)
+    height, width = images.shape[-2:]
+    grid = torch.zeros(3, rows * height, columns * width)
+    for i, image in enumerate(images.detach().float().cpu()):
+        r, c = divmod(i, columns)
+        grid[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    folder = Path(log_dir or trainer.default_root_dir) / key.replace("/", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step={trainer.global_step}.png"
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    path.with_suffix(".txt").write_text("".join(f"{i}: {c}\n" for i, c in enumerate(captions)))
+    for logger in trainer.loggers:
+        experiment: Any = getattr(logger, "experiment", None)
+        if hasattr(logger, "log_image"):  # WandbLogger
+            logger.log_image(key=key, images=list(images.detach().float().cpu()), caption=list(captions))
+        elif hasattr(experiment, "add_image"):  # TensorBoard
+            experiment.add_image(key, grid, global_step=trainer.global_step)
+    return path
