@@ -156,7 +156,9 @@ class PSOModule(LightningModule):
         """Load UNet, VAE, text encoder(s), tokenizer(s) and scheduler (once), add LoRA or the frozen reference copy."""
         if self.unet is not None:
             return
-        parts = load_diffusion_parts(self.hparams["pretrained"], self.load_options, unet_lora=self.lora)
+        with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the seed alone
+            torch.manual_seed(self.hparams["seed"])
+            parts = load_diffusion_parts(self.hparams["pretrained"], self.load_options, unet_lora=self.lora)
         self.unet = parts.unet.train()
         self.vae = parts.vae.eval()
         self.text_encoders = nn.ModuleList(parts.text_encoders).eval()
@@ -236,10 +238,14 @@ class PSOModule(LightningModule):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """VAE latents (scaled by the VAE's ``scaling_factor``) of ``(B, 3, H, W)`` images in ``[-1, 1]``."""
+        """VAE latents (scaled by the VAE's ``scaling_factor``) of ``(B, 3, H, W)`` images in ``[-1, 1]``.
+
+        The posterior mean (deterministic, so a pair's latents do not depend on its position in the batch); with a
+        ``generator``, a posterior sample instead.
+        """
         vae = self.vae
         posterior = vae.encode(images.to(device=self.device, dtype=vae.dtype)).latent_dist
-        latents = posterior.sample(generator=generator)  # (B, C, h, w)
+        latents = posterior.mode() if generator is None else posterior.sample(generator=generator)  # (B, C, h, w)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -281,11 +287,11 @@ class PSOModule(LightningModule):
         Returns ``policy_win`` / ``policy_lose`` ``(B,)`` (differentiable) and ``ref_win`` / ``ref_lose`` (no grad,
         absent without a reference model), plus ``timesteps`` ``(B,)``.
         """
-        win = self.encode_images(batch["target"], generator)  # (B, C, h, w)
+        win = self.encode_images(batch["target"])  # (B, C, h, w)
         if "reference_latents" in batch:
             lose = batch["reference_latents"].to(device=self.device, dtype=win.dtype)
         elif "reference" in batch:
-            lose = self.encode_images(batch["reference"], generator)
+            lose = self.encode_images(batch["reference"])
         else:
             raise ValueError("offline PSO batches need 'reference_latents' or 'reference' (see PSODataModule)")
         count = win.shape[0]

@@ -1,0 +1,261 @@
+"""PSOModule on the tiny random SD / SDXL pipelines (CPU, no download): offline and online training, the reference,
+LoRA export into a diffusers pipeline, checkpoints and kill-and-resume, validation images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from support.callbacks import KillAt
+from torch.utils.data import Dataset
+
+from ftmods.datamodules.samplers import EpochShuffleSampler, resumable_loader
+from ftmods.models.loading import LoRASpec
+from ftmods.models.tiny import resolve_pretrained
+from ftmods.pso import PSOModule
+from ftmods.pso.rewards import PickScoreReward
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+LORA = LoRASpec(r=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+
+
+class _Pairs(Dataset):
+    """8 fixed (caption, target image, reference image) pairs, 64x64 in [-1, 1]."""
+
+    def __init__(self, count: int = 8) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.targets = torch.rand(count, 3, 64, 64, generator=generator) * 2 - 1
+        self.references = torch.rand(count, 3, 64, 64, generator=generator) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"ids": str(i), "captions": CAPTIONS[i % 4], "target": self.targets[i], "reference": self.references[i],
+                "original_sizes": torch.tensor([64, 64]), "crop_top_lefts": torch.tensor([0, 0])}  # fmt: skip
+
+
+class _Prompts(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"ids": str(i), "captions": CAPTIONS[i % 4]}
+
+
+def _loader(dataset: Dataset, batch_size: int = 2) -> Any:
+    return resumable_loader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(dataset, seed=0))
+
+
+def _module(pretrained: str = "tiny/sd", **kwargs: Any) -> PSOModule:
+    kwargs.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0))
+    kwargs.setdefault("resolution", 64)
+    kwargs.setdefault("timesteps", "sdxl-turbo")
+    kwargs.setdefault("beta", 50.0)
+    return PSOModule(pretrained, **kwargs)
+
+
+def _online(pretrained: str = "tiny/sd", **kwargs: Any) -> PSOModule:
+    return _module(pretrained, mode="online", reward=PickScoreReward("tiny/clip", None), lora=LORA, **kwargs)
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    kwargs.setdefault("enable_checkpointing", False)
+    return Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=tmp_path, num_sanity_val_steps=0, **kwargs)  # fmt: skip
+
+
+def _batch(count: int = 2) -> dict[str, Any]:
+    data = _Pairs()
+    items = [data[i] for i in range(count)]
+    return {k: [it[k] for it in items] if isinstance(items[0][k], str) else torch.stack([it[k] for it in items])
+            for k in items[0]}  # fmt: skip
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------------- offline
+
+
+@pytest.mark.parametrize(("pretrained", "lora"), [("tiny/sd", LORA), ("tiny/sdxl", None)])
+def test_offline_loss_is_ln2_at_init_and_one_step_raises_implicit_accuracy(pretrained, lora):
+    """LoRA B starts at zero and the full-fine-tuning reference is a copy: policy == reference, every logit is 0,
+    the loss is ln 2 and the implicit accuracy 0; one AdamW step on the same pairs makes every logit positive."""
+    module = _module(pretrained, lora=lora)
+    module.configure_model()
+    loss, logs = module.offline_loss(module.pair_errors(_batch(), module._generator(0)))
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(logs["implicit_accuracy"]) == 0.0
+    optimizer = torch.optim.AdamW([p for p in module.unet.parameters() if p.requires_grad], lr=1e-3)
+    loss.backward()
+    optimizer.step()
+    loss_after, logs_after = module.offline_loss(module.pair_errors(_batch(), module._generator(0)))
+    assert float(loss_after) < math.log(2)
+    assert float(logs_after["implicit_accuracy"]) == 1.0
+
+
+def test_swapping_target_and_reference_negates_the_logit():
+    module = _module(lora=LORA)
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # policy != reference
+    batch = _batch()
+    swapped = dict(batch, target=batch["reference"], reference=batch["target"])
+    errors, errors_swapped = (module.pair_errors(b, module._generator(0)) for b in (batch, swapped))
+    assert torch.allclose(errors["policy_win"], errors_swapped["policy_lose"], atol=1e-6)
+    out = module.offline_loss(errors)[1]["logit"]
+    out_swapped = module.offline_loss(errors_swapped)[1]["logit"]
+    assert float(out) == pytest.approx(-float(out_swapped), abs=1e-6)
+    assert abs(float(out)) > 0
+
+
+def test_offline_fit_trains_lora_only(tmp_path):
+    module = _module(lora=LORA, prior_loss_weight=0.5)
+    module.configure_model()
+    before = _snapshot(module)
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, train_dataloaders=_loader(_Pairs()))
+    after = dict(module.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed
+    assert all("lora" in n for n in changed)
+    for key in ("train/loss", "train/implicit_accuracy", "train/logit", "train/policy_err_win", "train/ref_err_lose"):
+        assert key in trainer.callback_metrics, key
+
+
+def test_hinge_without_reference_makes_no_reference_pass(tmp_path):
+    module = _module(loss="hinge", reference_model="none", beta=5.0, neg_weight=0.1, prior_loss_weight=0.5)
+    module.configure_model()
+    assert module.ref_unet is None
+    errors = module.pair_errors(_batch(), module._generator(0))
+    assert "ref_win" not in errors
+    before = _snapshot(module.unet)
+    _trainer(tmp_path, max_steps=2).fit(module, train_dataloaders=_loader(_Pairs()))
+    assert any(not torch.equal(before[n], p) for n, p in module.unet.named_parameters())
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="needs loss='hinge'"):
+        PSOModule("tiny/sd", reference_model="none")
+    with pytest.raises(ValueError, match="needs a reward model"):
+        PSOModule("tiny/sd", mode="online")
+    with pytest.raises(ValueError, match="unknown timestep preset 'turbo'"):
+        PSOModule("tiny/sd", timesteps="turbo")
+
+
+# ----------------------------------------------------------------------------------------------------- online
+
+
+def test_online_logratio_is_zero_at_init_and_fit_updates_lora(tmp_path):
+    module = _online()
+    module.configure_model()
+    rollout = module.rollout(CAPTIONS[:2], module._generator(0))
+    assert rollout["states"].shape[:2] == (5, 4)  # 4 steps + start, 2 prompts x 2 samples
+    assert torch.isfinite(rollout["images"]).all()
+    cond = module.encode_prompts(rollout["prompts"])
+    with torch.no_grad():
+        policy = module.transition_logprobs(module.unet, rollout, 0, cond)
+        with module.reference_unet() as ref:
+            reference = module.transition_logprobs(ref, rollout, 0, cond)
+    assert torch.equal(policy, reference)
+    before = _snapshot(module.unet)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_dataloaders=_loader(_Prompts()))
+    assert trainer.global_step == 2
+    changed = {n for n, p in module.unet.named_parameters() if not torch.equal(before[n], p)}
+    assert changed
+    assert all("lora" in n for n in changed)
+    for key in ("train/loss", "train/reward", "train/reward_margin", "train/frac_ties", "train/clip_fraction"):
+        assert key in trainer.callback_metrics, key
+
+
+def test_preferences_and_ties():
+    module = _online(tie_policy="skip")
+    signs = module.preferences(torch.tensor([0.3, 0.5, 0.2, 0.1, 0.5, 0.4]))  # sample 0 rewards, then sample 1
+    assert signs.tolist() == [[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]]
+    module = _online(tie_policy="second_wins")
+    assert module.preferences(torch.tensor([0.5, 0.5])).tolist() == [[-1.0, 1.0]]
+
+
+# ------------------------------------------------------------------------------------------ export, resume
+
+
+def test_lora_from_a_checkpoint_loads_into_a_diffusers_pipeline_with_identical_outputs(tmp_path):
+    module = _module(lora=LORA)
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True)
+    trainer.fit(module, train_dataloaders=_loader(_Pairs()))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith(("vae.", "text_encoders.")) for k in state)  # frozen parts are not stored
+    restored = PSOModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    restored.save_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_pretrained("tiny/sd"), safety_checker=None,
+                                                   requires_safety_checker=False)  # fmt: skip
+    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    ours = module.sample(["a red circle"], seed=0)
+    theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
+                  generator=generator, output_type="pt").images  # fmt: skip
+    torch.testing.assert_close(ours, theirs.float().clamp(0, 1), atol=1e-5, rtol=1e-5)
+    base = module.sample(["a red circle"], seed=0)
+    with module.reference_unet():
+        untuned = module.sample(["a red circle"], seed=0)
+    assert not torch.allclose(base, untuned)  # the adapter changes the images
+
+
+def test_full_fine_tuning_exports_a_pipeline(tmp_path):
+    module = _module()
+    _trainer(tmp_path, max_steps=1).fit(module, train_dataloaders=_loader(_Pairs()))
+    module.save_pretrained(tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    for (name, a), b in zip(module.unet.named_parameters(), pipe.unet.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _fit(folder: Path, online: bool, kill_at: int | None = None, ckpt: str | None = None) -> PSOModule:
+    module = _online() if online else _module(lora=LORA)
+    checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
+    callbacks = [checkpoint] + ([KillAt(kill_at)] if kill_at else [])
+    trainer = _trainer(folder, max_steps=5, enable_checkpointing=True, callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=_loader(_Prompts() if online else _Pairs()), ckpt_path=ckpt)
+    return module
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, online):
+    """Killed after step 3 of 5 (mid-epoch), resumed from the step-2 checkpoint: noise, timesteps, rollouts and the
+    data order are functions of (seed, epoch, batch, rank), so the weights match bit for bit."""
+    straight = _fit(tmp_path / "a", online)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(tmp_path / "b", online, kill_at=3)
+    resumed = _fit(tmp_path / "b", online, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.unet.named_parameters(), resumed.unet.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def test_validation_writes_an_image_grid_and_the_reward(tmp_path):
+    module = _module(lora=LORA, reward=PickScoreReward("tiny/clip", None))
+    trainer = _trainer(tmp_path, max_steps=1)
+    prompts = resumable_loader(_Prompts(), batch_size=4)
+    trainer.validate(module, dataloaders=prompts, verbose=False)
+    grids = sorted((tmp_path / "val_images").glob("*.png"))
+    assert len(grids) == 1
+    assert "val/reward" in trainer.callback_metrics
+    from PIL import Image
+
+    assert Image.open(grids[0]).size == (4 * 64, 64)
