@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
+from ftmods.models.tiny import resolve_pretrained
 from ftmods.pso.loss import (
     TIMESTEP_PRESETS,
     denoising_error,
@@ -82,6 +83,12 @@ class PSOModule(LightningModule):
         online_accumulate: Online: prompt batches per optimizer step (gradients of all trained transitions add up).
         lora: Train a LoRA adapter on the UNet (targets e.g. ``[to_q, to_k, to_v, to_out.0]``); ``None`` = full UNet.
         load: How to load the pipeline (dtype, gradient checkpointing).
+        unet_weights: Replace the UNet's weights with this state dict (a local ``.safetensors`` / ``.bin`` file, or
+            ``org/repo/file`` on the hub), e.g. ``tianweiy/DMD2/dmd2_sdxl_4step_unet_fp16.bin`` into the SDXL-base UNet.
+        vae: Replace the VAE (hub id or folder), e.g. ``madebyollin/sdxl-vae-fp16-fix`` for fp16 runs.
+        scheduler_class: Replace the scheduler class (diffusers name, e.g. ``LCMScheduler`` for DMD2), same config.
+        inference_timesteps: Explicit timesteps for validation / reference sampling and rollouts of that many steps
+            (DMD2: ``[999, 749, 499, 249]``); ``None``: trailing spacing.
         resolution: Image side of validation / reference samples (and SDXL's target size).
         guidance_scale: Classifier-free guidance of validation / reference sampling (0 for Turbo / DMD2).
         val_seed: Seed of the validation images.
@@ -117,6 +124,10 @@ class PSOModule(LightningModule):
         online_accumulate: int = 1,
         lora: LoRASpec | None = None,
         load: LoadOptions | None = None,
+        unet_weights: str | None = None,
+        vae: str | None = None,
+        scheduler_class: str | None = None,
+        inference_timesteps: list[int] | None = None,
         resolution: int = 512,
         guidance_scale: float = 0.0,
         val_seed: int = 0,
@@ -158,7 +169,12 @@ class PSOModule(LightningModule):
             return
         with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the seed alone
             torch.manual_seed(self.hparams["seed"])
-            parts = load_diffusion_parts(self.hparams["pretrained"], self.load_options, unet_lora=self.lora)
+            parts = load_diffusion_parts(self.hparams["pretrained"], self.load_options)
+            self._replace_parts(parts)
+            if self.lora is not None:  # after unet_weights, so those load into the plain UNet
+                unet: Any = parts.unet
+                unet.requires_grad_(False)
+                unet.add_adapter(self.lora.to_peft())
         self.unet = parts.unet.train()
         self.vae = parts.vae.eval()
         self.text_encoders = nn.ModuleList(parts.text_encoders).eval()
@@ -168,6 +184,26 @@ class PSOModule(LightningModule):
             self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False)
         if self.reward is not None and hasattr(self.reward, "load"):
             self.reward.load()
+
+    def _replace_parts(self, parts: Any) -> None:
+        """Apply ``unet_weights``, ``vae`` and ``scheduler_class`` to freshly loaded parts."""
+        if self.hparams["unet_weights"]:
+            missing, unexpected = parts.unet.load_state_dict(
+                load_state_file(self.hparams["unet_weights"]), strict=False
+            )
+            if missing or unexpected:
+                raise ValueError(f"unet_weights {self.hparams['unet_weights']}: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")  # fmt: skip
+        if self.hparams["vae"]:
+            from diffusers import AutoencoderKL
+
+            parts.vae = AutoencoderKL.from_pretrained(
+                resolve_pretrained(self.hparams["vae"]), local_files_only=self.load_options.local_files_only
+            ).requires_grad_(False)
+        if self.hparams["scheduler_class"]:
+            import diffusers
+
+            parts.scheduler = getattr(diffusers, self.hparams["scheduler_class"]).from_config(parts.scheduler.config)
 
     @property
     def is_xl(self) -> bool:
@@ -214,6 +250,17 @@ class PSOModule(LightningModule):
             return [int(t) for t in spec]
         train_steps = int(self.noise_scheduler.config.num_train_timesteps)
         return distilled_timesteps(self.hparams["num_inference_steps"], train_steps)
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        """Timesteps of a ``steps``-step trajectory.
+
+        ``inference_timesteps`` when it has that length, else trailing spacing (what Euler / Euler-ancestral trailing
+        schedulers visit: 4 steps = 999, 749, 499, 249).
+        """
+        explicit = self.hparams["inference_timesteps"]
+        if explicit and len(explicit) == steps:
+            return [int(t) for t in explicit]
+        return distilled_timesteps(steps, int(self.noise_scheduler.config.num_train_timesteps))
 
     @contextlib.contextmanager
     def reference_unet(self) -> Iterator[Any]:
@@ -397,9 +444,7 @@ class PSOModule(LightningModule):
         ``0..B-1`` are sample 0 of each prompt, ``B..2B-1`` sample 1.
         """
         steps = self.hparams["rollout_steps"] or self.hparams["num_inference_steps"]
-        scheduler = copy.deepcopy(self.noise_scheduler)
-        scheduler.set_timesteps(steps, device=self.device)
-        timesteps = scheduler.timesteps[:steps].round().long()  # (K,) Euler schedulers store floats
+        timesteps = torch.tensor(self.sampling_timesteps(steps), device=self.device)  # (K,)
         prompts = list(captions) * 2
         cond = self.encode_prompts(prompts)
         size = self.hparams["resolution"] // (2 ** (len(self.vae.config.block_out_channels) - 1))
@@ -521,9 +566,10 @@ class PSOModule(LightningModule):
         seed = self.hparams["val_seed"] if seed is None else seed
         generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(len(captions))]
         size = self.hparams["resolution"]
+        steps = steps or self.hparams["num_inference_steps"]
         out = self.pipeline(
             prompt=list(captions),
-            num_inference_steps=steps or self.hparams["num_inference_steps"],
+            **self._steps_kwargs(steps),
             guidance_scale=self.hparams["guidance_scale"],
             height=size,
             width=size,
@@ -531,6 +577,12 @@ class PSOModule(LightningModule):
             output_type="pt",
         ).images
         return out.float().clamp(0, 1)
+
+    def _steps_kwargs(self, steps: int) -> dict[str, Any]:
+        explicit = self.hparams["inference_timesteps"]
+        if explicit and len(explicit) == steps:
+            return {"timesteps": [int(t) for t in explicit]}
+        return {"num_inference_steps": steps}
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Sample the validation prompts; log the image grid (first batch) and the reward."""
@@ -640,7 +692,7 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
                 chunk = requests[start : start + batch_size]
                 generators = [torch.Generator(device=module.device).manual_seed(r.seed) for r in chunk]
                 with torch.no_grad():
-                    latents = pipe(prompt=[r.prompt for r in chunk], num_inference_steps=steps,
+                    latents = pipe(prompt=[r.prompt for r in chunk], **module._steps_kwargs(steps),
                                    guidance_scale=module.hparams["guidance_scale"], height=size, width=size,
                                    generator=generators, output_type="latent").images  # fmt: skip
                 for request, latent in zip(chunk, latents, strict=True):
@@ -651,6 +703,27 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
             pipe.unet = original
     trainer.strategy.barrier("pso_references")
     return len(requests)
+
+
+def load_state_file(spec: str) -> dict[str, Tensor]:
+    """A state dict from a local ``.safetensors`` / ``.bin`` / ``.pt`` file or ``org/repo/path/in/repo`` on the hub.
+
+    ``.bin`` / ``.pt`` files load with ``torch.load(weights_only=True)`` (no pickled code runs).
+    """
+    path = Path(spec)
+    if not path.is_file():
+        parts = spec.split("/")
+        if len(parts) < 3:
+            raise FileNotFoundError(f"{spec}: not a file, and not 'org/repo/file' on the hub")
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 def log_image_grid(trainer: Any, key: str, images: Tensor, captions: Sequence[str]) -> Path | None:

@@ -259,3 +259,30 @@ def test_validation_writes_an_image_grid_and_the_reward(tmp_path):
     from PIL import Image
 
     assert Image.open(grids[0]).size == (4 * 64, 64)
+
+
+def test_dmd2_style_setup_online(tmp_path):
+    """DMD2's recipe on the tiny SDXL: UNet weights from a separate file, LCMScheduler with explicit timesteps, the
+    re-noising sampler for rollouts; validation samples at those timesteps."""
+    from safetensors.torch import save_file
+
+    source = _module("tiny/sdxl")
+    source.configure_model()
+    with torch.no_grad():
+        for p in source.unet.parameters():
+            p.mul_(1.01)  # recognisably different weights
+    save_file({k: v.contiguous() for k, v in source.unet.state_dict().items()}, str(tmp_path / "unet.safetensors"))
+    module = _online("tiny/sdxl", unet_weights=str(tmp_path / "unet.safetensors"), scheduler_class="LCMScheduler",
+                     inference_timesteps=[999, 749, 499, 249])  # fmt: skip
+    module.configure_model()
+    assert type(module.noise_scheduler).__name__ == "LCMScheduler"
+    assert module._sampler() == "renoise"
+    base = {k.replace(".base_layer", ""): v for k, v in module.unet.state_dict().items() if "lora" not in k}
+    assert base.keys() == source.unet.state_dict().keys()
+    assert all(torch.equal(v, source.unet.state_dict()[k]) for k, v in base.items())
+    rollout = module.rollout(CAPTIONS[:1], module._generator(0))
+    assert rollout["timesteps"].tolist() == [999, 749, 499, 249]
+    before = _snapshot(module.unet)
+    _trainer(tmp_path, max_steps=1).fit(module, train_dataloaders=_loader(_Prompts()))
+    assert any(not torch.equal(before[n], p) for n, p in module.unet.named_parameters())
+    assert torch.isfinite(module.sample(["a red circle"])).all()
