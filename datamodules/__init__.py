@@ -36,6 +36,19 @@ from ftmods.datamodules.many_shot import (
     episode_pieces,
     load_many_shot_records,
 )
+from ftmods.datamodules.pso import (
+    MissingReferenceError,
+    PromptBatch,
+    PromptDataModule,
+    PSOBatch,
+    PSODataModule,
+    PSOImageError,
+    ReferenceRequest,
+    load_reference_latents,
+    read_prompts,
+    reference_seed,
+    save_reference_latents,
+)
 from ftmods.datamodules.records import RecordError, load_records
 from ftmods.datamodules.s3ft import (
     SOURCES,
@@ -75,6 +88,13 @@ __all__ = [
     "ManyShotExample",
     "ManyShotQuery",
     "ManyShotRecord",
+    "MissingReferenceError",
+    "PSOBatch",
+    "PSODataModule",
+    "PSOImageError",
+    "PromptBatch",
+    "PromptDataModule",
+    "ReferenceRequest",
     "SOURCES",
     "RecordError",
     "S3FTBatch",
@@ -98,6 +118,7 @@ __all__ = [
     "load_many_shot_records",
     "load_mbpp",
     "load_rc_qa",
+    "load_reference_latents",
     "load_records",
     "load_s3ft_generic",
     "load_s3ft_items",
@@ -105,6 +126,9 @@ __all__ = [
     "load_wikibigedit",
     "merge_parts",
     "mixture_report",
+    "save_reference_latents",
     "read_class_names",
+    "read_prompts",
+    "reference_seed",
     "read_selection",
 ]

@@ -286,3 +286,36 @@ def test_dmd2_style_setup_online(tmp_path):
     _trainer(tmp_path, max_steps=1).fit(module, train_dataloaders=_loader(_Prompts()))
     assert any(not torch.equal(before[n], p) for n, p in module.unet.named_parameters())
     assert torch.isfinite(module.sample(["a red circle"])).all()
+
+
+def test_reference_samples_are_generated_once_into_the_cache(tmp_path):
+    """Offline with model samples: fit starts by sampling the frozen model for every missing reference (seeded per
+    row, model-native 4 steps, cfg 0) into the DataModule's cache; the cached latents are exactly what the pipeline
+    gives for that seed, and a second fit generates nothing."""
+    from ftmods.datamodules import PSODataModule
+    from ftmods.datamodules.pso import load_reference_latents
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def data() -> PSODataModule:
+        return PSODataModule(str(repo / "configs/data/pso_tiny/pickapic.parquet"), format="pickapic",
+                             reference_cache=str(tmp_path / "cache"), resolution=64, batch_size=2)  # fmt: skip
+
+    requests = data().reference_requests()
+    assert len(requests) == 14  # 16 rows, 2 ties dropped
+    module = _module(lora=LORA)
+    _trainer(tmp_path, max_steps=1).fit(module, datamodule=data())
+    assert data().reference_requests() == []
+    first = requests[0]
+    cached = load_reference_latents(tmp_path / "cache", first.key)
+    with module.reference_unet():
+        direct = module.pipeline(prompt=[first.prompt], num_inference_steps=4, guidance_scale=0.0, height=64,
+                                 width=64, generator=[torch.Generator().manual_seed(first.seed)],
+                                 output_type="latent").images[0]  # fmt: skip
+    torch.testing.assert_close(cached, direct.float())
+    again = _module(lora=LORA)
+    calls: list[int] = []
+    original = again.sample
+    again.sample = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    _trainer(tmp_path, max_steps=1).fit(again, datamodule=data())
+    assert not calls
