@@ -62,8 +62,11 @@ class PSOModule(LightningModule):
         pretrained: Hub id, local folder or ``tiny/sd`` / ``tiny/sdxl`` of a diffusers SD / SDXL pipeline.
         mode: ``offline`` (target vs reference-sample pairs from the DataModule) or ``online`` (pairs of the current
             model's samples ranked by ``reward``).
-        loss: Offline surrogate: ``sigmoid`` (the PSO / Diffusion-DPO form, needs the reference model) or ``hinge``
-            (``pso_db`` of the DreamBooth scripts, no reference pass).
+        loss: Offline surrogate: ``sigmoid`` (the PSO / Diffusion-DPO form, needs the reference model), ``hinge``
+            (``pso_db`` of the DreamBooth scripts, no reference pass), or ``mse``: the naive baseline the paper
+            compares against, plain diffusion-loss fine-tuning on the targets alone (references unused).
+        mse_timesteps: ``mse`` baseline: ``all`` (t uniform over the training schedule, the usual fine-tuning) or
+            ``distilled`` (t from ``T_K`` like PSO).
         beta: Inverse temperature. Offline ``sigmoid``: multiplies the error margin (no 0.5 factor: Diffusion-DPO's
             ``beta_dpo`` is ``2 * beta``); ``hinge``: 5 in the DreamBooth scripts; online: 50.
         neg_weight: lambda, weight of the reference sample's error in the margin (1 = Diffusion-DPO; DreamBooth 0.1).
@@ -109,7 +112,8 @@ class PSOModule(LightningModule):
         pretrained: str,
         *,
         mode: Literal["offline", "online"] = "offline",
-        loss: Literal["sigmoid", "hinge"] = "sigmoid",
+        loss: Literal["sigmoid", "hinge", "mse"] = "sigmoid",
+        mse_timesteps: Literal["all", "distilled"] = "all",
         beta: float = 2500.0,
         neg_weight: float = 1.0,
         prior_loss_weight: float = 0.0,
@@ -180,7 +184,8 @@ class PSOModule(LightningModule):
         self.text_encoders = nn.ModuleList(parts.text_encoders).eval()
         self.tokenizers = parts.tokenizers
         self.noise_scheduler = parts.scheduler
-        if self.lora is None and self.hparams["reference_model"] == "initial_frozen":
+        needs_reference = self.hparams["mode"] == "online" or self.hparams["loss"] == "sigmoid"
+        if self.lora is None and self.hparams["reference_model"] == "initial_frozen" and needs_reference:
             self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False)
         if self.reward is not None and hasattr(self.reward, "load"):
             self.reward.load()
@@ -365,6 +370,29 @@ class PSOModule(LightningModule):
             out["ref_win"], out["ref_lose"] = ref_errors[:count], ref_errors[count:]
         return out
 
+    def mse_loss(self, batch: Mapping[str, Any], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """The naive baseline: mean epsilon- (or v-) MSE on the targets, ``t`` uniform over all or distilled steps."""
+        latents = self.encode_images(batch["target"])  # (B, C, h, w)
+        count = latents.shape[0]
+        if self.hparams["mse_timesteps"] == "all":
+            total = int(self.noise_scheduler.config.num_train_timesteps)
+            timesteps = torch.randint(total, (count,), generator=generator, device=self.device)
+        else:
+            choices = torch.tensor(self.train_timesteps(), device=self.device)
+            timesteps = choices[torch.randint(len(choices), (count,), generator=generator, device=self.device)]
+        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps].view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = alphas.sqrt() * noise - (1 - alphas).sqrt() * latents
+        else:
+            target = noise
+        cond = self.encode_prompts(batch["captions"], batch)
+        pred = self._unet(self.unet, noisy.to(next(self.unet.parameters()).dtype), timesteps, cond)
+        errors = denoising_error(pred, target)  # (B,)
+        loss = errors.mean()
+        return loss, {"loss": loss.detach(), "policy_err_win": errors.detach().mean()}
+
     def offline_loss(self, errors: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The configured offline loss and its logs."""
         hp = self.hparams
@@ -409,7 +437,10 @@ class PSOModule(LightningModule):
         if self.hparams["mode"] == "online":
             self._online_step(batch, batch_idx, generator)
             return None
-        loss, logs = self.offline_loss(self.pair_errors(batch, generator))
+        if self.hparams["loss"] == "mse":
+            loss, logs = self.mse_loss(batch, generator)
+        else:
+            loss, logs = self.offline_loss(self.pair_errors(batch, generator))
         size = len(batch["captions"])
         for name, value in logs.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "implicit_accuracy"), batch_size=size,

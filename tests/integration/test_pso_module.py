@@ -319,3 +319,33 @@ def test_reference_samples_are_generated_once_into_the_cache(tmp_path):
     again.sample = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
     _trainer(tmp_path, max_steps=1).fit(again, datamodule=data())
     assert not calls
+
+
+def test_mse_baseline_trains_on_targets_only(tmp_path):
+    module = _module(loss="mse")
+    module.configure_model()
+    assert module.ref_unet is None  # no reference copy for the baseline
+    batch = _batch()
+    loss, logs = module.mse_loss(batch, module._generator(0))
+    no_reference = dict(batch, reference=torch.zeros_like(batch["reference"]))
+    assert torch.equal(module.mse_loss(no_reference, module._generator(0))[0], loss)  # references are unused
+    before = _snapshot(module.unet)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_dataloaders=_loader(_Pairs()))
+    assert any(not torch.equal(before[n], p) for n, p in module.unet.named_parameters())
+    assert "train/loss" in trainer.callback_metrics
+
+
+def test_v_prediction_targets_the_velocity():
+    """With a v-prediction scheduler config the pair errors are against v = sqrt(a) eps - sqrt(1 - a) x0; policy ==
+    reference still gives ln 2."""
+    module = _module(lora=LORA)
+    module.configure_model()
+    module.noise_scheduler.register_to_config(prediction_type="v_prediction")
+    loss, _ = module.offline_loss(module.pair_errors(_batch(), module._generator(0)))
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    eps_module = _module(lora=LORA)
+    eps_module.configure_model()
+    v_err = module.pair_errors(_batch(), module._generator(0))["policy_win"]
+    eps_err = eps_module.pair_errors(_batch(), eps_module._generator(0))["policy_win"]
+    assert not torch.allclose(v_err, eps_err)
