@@ -645,10 +645,16 @@ class PSOModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    def _frozen_parts(self) -> list[tuple[str, Any]]:
+        parts = [(REFERENCE_PREFIX, self.ref_unet), ("vae.", self.vae), ("text_encoders.", self.text_encoders)]
+        if isinstance(self.reward, nn.Module):
+            parts.append(("reward.", self.reward))
+        return parts
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen reference copy out (it is the pretrained UNet) and the frozen VAE / text encoders."""
+        """Leave out the frozen parts: the reference copy (the pretrained UNet), VAE, text encoders, reward model."""
         state = checkpoint.get("state_dict", {})
-        frozen = (REFERENCE_PREFIX, "vae.", "text_encoders.")
+        frozen = (REFERENCE_PREFIX, "vae.", "text_encoders.", "reward.")
         for key in [k for k in state if k.startswith(frozen)]:
             del state[key]
 
@@ -657,11 +663,7 @@ class PSOModule(LightningModule):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        for prefix, module in (
-            (REFERENCE_PREFIX, self.ref_unet),
-            ("vae.", self.vae),
-            ("text_encoders.", self.text_encoders),
-        ):
+        for prefix, module in self._frozen_parts():
             if module is not None:
                 for key, value in module.state_dict().items():
                     state.setdefault(prefix + key, value)

@@ -248,6 +248,18 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, online):
 # ------------------------------------------------------------------------------------------------- validation
 
 
+def test_checkpoints_leave_the_reward_model_out(tmp_path):
+    module = _online()
+    trainer = _trainer(tmp_path, max_steps=1, enable_checkpointing=True)
+    trainer.fit(module, train_dataloaders=_loader(_Prompts()))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith(("reward.", "vae.", "text_encoders.")) for k in state)
+    assert any("lora" in k for k in state)
+    resumed = _online()
+    _trainer(tmp_path, max_steps=2).fit(resumed, train_dataloaders=_loader(_Prompts()), ckpt_path=tmp_path / "m.ckpt")
+
+
 def test_validation_writes_an_image_grid_and_the_reward(tmp_path):
     module = _module(lora=LORA, reward=PickScoreReward("tiny/clip", None))
     trainer = _trainer(tmp_path, max_steps=1)
@@ -349,3 +361,24 @@ def test_v_prediction_targets_the_velocity():
     v_err = module.pair_errors(_batch(), module._generator(0))["policy_win"]
     eps_err = eps_module.pair_errors(_batch(), eps_module._generator(0))["policy_win"]
     assert not torch.allclose(v_err, eps_err)
+
+
+def test_dreambooth_hinge_with_class_prompt_references(tmp_path):
+    """The DreamBooth recipe: instance photos vs samples of the class prompt (generated into the cache at fit start,
+    shared by all items), reference-free hinge with the prior term."""
+    from ftmods.datamodules import PSODataModule
+
+    repo = Path(__file__).resolve().parents[2]
+    data = PSODataModule(str(repo / "configs/data/pso_tiny/dreambooth"), format="dreambooth",
+                         instance_prompt="a photo of sks star", class_prompt="a photo of star", num_references=3,
+                         reference_cache=str(tmp_path / "cache"), resolution=64, batch_size=2)  # fmt: skip
+    assert [r.key for r in data.reference_requests()] == ["class:0", "class:1", "class:2"]
+    module = _module(lora=LORA, loss="hinge", reference_model="none", beta=5.0, neg_weight=0.1, prior_loss_weight=0.5)
+    module.configure_model()
+    before = _snapshot(module)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=data)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p)}
+    assert changed
+    assert all("lora" in n for n in changed)
