@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -55,3 +57,31 @@ class WarmupCosineLR(LambdaLR):
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1.0 - progress
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+def build_optimizers(
+    params: list[Any],
+    optimizer: Callable[[list[Any]], Optimizer] | None,
+    scheduler: Callable[[Optimizer], Any] | None,
+    *,
+    default_lr: float,
+    default_weight_decay: float = 0.0,
+    interval: str = "step",
+) -> Any:
+    """What a module's ``configure_optimizers`` returns.
+
+    The injected optimizer over ``params`` (AdamW with the module's defaults when none is configured), plus the
+    scheduler stepped every ``interval`` if one is set.
+
+    Example:
+        >>> import torch
+        >>> opt = build_optimizers([torch.nn.Parameter(torch.zeros(1))], None, None, default_lr=1e-3)
+        >>> type(opt).__name__, opt.defaults["lr"]
+        ('AdamW', 0.001)
+    """
+    from torch.optim import AdamW
+
+    built = AdamW(params, lr=default_lr, weight_decay=default_weight_decay) if optimizer is None else optimizer(params)
+    if scheduler is None:
+        return built
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler(built), "interval": interval}}

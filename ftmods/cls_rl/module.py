@@ -64,6 +64,7 @@ from ftmods.ops.grpo import (
     group_reward_std,
     grpo_loss,
 )
+from ftmods.optim import build_optimizers
 from ftmods.reporting import log_table
 
 Mode = Literal["think", "no_think"]
@@ -684,16 +685,8 @@ class CLSRLModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable parameters (default AdamW lr 1e-6, wd 0), plus the scheduler."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        interval = self.hparams["lr_scheduler_interval"]
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return build_optimizers(params, self.optimizer_factory, self.scheduler_factory, default_lr=1e-6,
+                                default_weight_decay=0.0, interval=self.hparams["lr_scheduler_interval"])  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

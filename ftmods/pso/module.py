@@ -39,6 +39,7 @@ from torchmetrics import MeanMetric
 
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
 from ftmods.models.tiny import resolve_pretrained
+from ftmods.optim import build_optimizers
 from ftmods.pso.loss import (
     TIMESTEP_PRESETS,
     denoising_error,
@@ -631,17 +632,8 @@ class PSOModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable UNet parameters (default AdamW lr 1e-5, wd 1e-4), plus scheduler."""
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return build_optimizers(params, self.optimizer_factory, self.scheduler_factory, default_lr=1e-5,
+                                default_weight_decay=1e-4, interval="step")  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

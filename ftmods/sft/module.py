@@ -36,6 +36,7 @@ from ftmods.ops.tokens import (
     split_prompt_and_target,
     supervised_positions,
 )
+from ftmods.optim import build_optimizers
 from ftmods.reporting import log_table
 from ftmods.sft.loss import SFTLossOutput, sequence_mean_nll, token_mean_nll
 
@@ -275,16 +276,8 @@ class SFTModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable parameters only, plus the scheduler if one is set."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        interval = self.hparams["lr_scheduler_interval"]
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return build_optimizers(params, self.optimizer_factory, self.scheduler_factory, default_lr=2e-5,
+                                default_weight_decay=0.0, interval=self.hparams["lr_scheduler_interval"])  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ export
 
