@@ -16,8 +16,10 @@ from jsonargparse import Namespace
 from ftmods.cli import FtmodsCLI, fill_shared_arguments
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "strategy")
+SNIPPETS = ("strategy", "callbacks")  # composable pieces, parsed on top of a method config below
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in SNIPPETS)
 STRATEGIES = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+CALLBACKS = sorted((REPO / "configs" / "callbacks").glob("*.yaml"))
 TINY = sorted((REPO / "configs").rglob("tiny.yaml"))
 
 
@@ -56,6 +58,18 @@ def test_strategy_snippets_compose_with_a_method_config(strategy):
     expected = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]["class_path"]
     assert parsed["trainer"]["strategy"]["class_path"] == expected
     assert parsed["model"]["init_args"]["pretrained"] == "tiny/causal-lm"  # the method part is untouched
+
+
+@pytest.mark.parametrize("snippet", CALLBACKS, ids=lambda p: p.stem)
+def test_callback_snippets_append_to_a_method_config(snippet):
+    """A callbacks snippet adds its callbacks after the method config's own (which are kept)."""
+    base = _print_config("-c", str(REPO / "configs/sft/tiny.yaml"))["trainer"]["callbacks"]
+    parsed = _print_config("-c", str(REPO / "configs/sft/tiny.yaml"), "-c", str(snippet))
+    callbacks = parsed["trainer"]["callbacks"]
+    assert callbacks[: len(base)] == base
+    added = [c["class_path"] for c in callbacks[len(base) :]]
+    assert added
+    assert all(path.startswith("ftmods.callbacks.") for path in added)
 
 
 def test_real_model_config_prints_offline_and_instantly():
