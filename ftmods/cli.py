@@ -108,7 +108,15 @@ def find_checkpoints(trainer: Any) -> list[str]:
 
 
 def main(args: Any = None) -> None:
-    """Console entry point ``ftmods``."""
+    """Console entry point ``ftmods``; ``ftmods soup ...`` (``python cli.py soup ...``) runs :mod:`ftmods.soup`."""
+    import sys
+
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["soup"]:
+        from ftmods.soup import main as soup_main
+
+        soup_main(argv[1:])
+        return
     FtmodsCLI(args=args)
 
 
