@@ -702,8 +702,10 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
     from ftmods.datamodules.pso import save_reference_latents
 
     trainer = module.trainer
-    requests = list(data.reference_requests())[trainer.global_rank :: trainer.world_size]
     cache = data.hparams["reference_cache"]
+    expected = reference_metadata(module)
+    check_reference_cache(cache, expected)
+    requests = list(data.reference_requests())[trainer.global_rank :: trainer.world_size]
     if requests:
         rank_zero_info(f"PSO: generating {len(requests)} reference samples per rank into {cache}")
     pipe, size = module.pipeline, module.hparams["resolution"]
@@ -721,13 +723,45 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
                                    guidance_scale=module.hparams["guidance_scale"], height=size, width=size,
                                    generator=generators, output_type="latent").images  # fmt: skip
                 for request, latent in zip(chunk, latents, strict=True):
-                    metadata = {"prompt": request.prompt, "seed": str(request.seed), "steps": str(steps),
-                                "model": str(module.hparams["pretrained"])}  # fmt: skip
+                    metadata = {"prompt": request.prompt, "seed": str(request.seed), **expected}
                     save_reference_latents(cache, request.key, latent.float().cpu(), metadata)
         finally:
             pipe.unet = original
     trainer.strategy.barrier("pso_references")
     return len(requests)
+
+
+def reference_metadata(module: PSOModule) -> dict[str, str]:
+    """What made a reference sample, besides its prompt and seed: model, UNet weights, steps, cfg, resolution."""
+    hp = module.hparams
+    timesteps = module._steps_kwargs(hp["num_inference_steps"])
+    return {
+        "model": str(hp["pretrained"]),
+        "unet_weights": str(hp["unet_weights"] or ""),
+        "scheduler": str(hp["scheduler_class"] or ""),
+        "steps": str(timesteps.get("timesteps", timesteps.get("num_inference_steps"))),
+        "guidance_scale": str(hp["guidance_scale"]),
+        "resolution": str(hp["resolution"]),
+    }
+
+
+def check_reference_cache(cache: str | Path, expected: Mapping[str, str], *, probe: int = 8) -> None:
+    """Fail if cached references were made differently (another model, steps, cfg or resolution).
+
+    Reads the metadata of up to ``probe`` entries (cheap on caches of any size). Entries without these fields (written
+    by other code) are not judged. Start a new ``reference_cache`` folder, or delete this one, to regenerate.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(Path(cache).glob("*.safetensors"))[:probe]:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        for field, value in expected.items():
+            if field in metadata and metadata[field] != value:
+                raise ValueError(
+                    f"reference_cache {cache}: {path.name} was made with {field}={metadata[field]!r}, this run "
+                    f"uses {value!r}; use a new reference_cache folder (or delete this one) to regenerate"
+                )
 
 
 def load_state_file(spec: str) -> dict[str, Tensor]:

@@ -325,12 +325,11 @@ def test_reference_samples_are_generated_once_into_the_cache(tmp_path):
                                  width=64, generator=[torch.Generator().manual_seed(first.seed)],
                                  output_type="latent").images[0]  # fmt: skip
     torch.testing.assert_close(cached, direct.float())
-    again = _module(lora=LORA)
-    calls: list[int] = []
-    original = again.sample
-    again.sample = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
-    _trainer(tmp_path, max_steps=1).fit(again, datamodule=data())
-    assert not calls
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")}
+    _trainer(tmp_path, max_steps=1).fit(_module(lora=LORA), datamodule=data())
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")} == stamps  # nothing rewritten
+    with pytest.raises(ValueError, match=r"was made with steps='4', this run uses '2'"):
+        _trainer(tmp_path, max_steps=1).fit(_module(lora=LORA, num_inference_steps=2), datamodule=data())
 
 
 def test_mse_baseline_trains_on_targets_only(tmp_path):
