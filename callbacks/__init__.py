@@ -3,9 +3,27 @@
 from ftmods.callbacks.averaging import EMAWeightAveraging, ShardedEMA, WeightAveraging, ema_state_dict
 from ftmods.callbacks.export import PretrainedExport
 from ftmods.callbacks.freezing import HalfFineTuning, ParameterFreezing
+from ftmods.callbacks.grafting import (
+    GraftMask,
+    GraftResult,
+    WeightGrafting,
+    apply_graft,
+    apply_sparse_graft,
+    expected_calibration_error,
+    load_graft,
+    top_delta_mask,
+)
 
 __all__ = [
     "EMAWeightAveraging",
+    "GraftMask",
+    "GraftResult",
+    "WeightGrafting",
+    "apply_graft",
+    "apply_sparse_graft",
+    "expected_calibration_error",
+    "load_graft",
+    "top_delta_mask",
     "HalfFineTuning",
     "ParameterFreezing",
     "PretrainedExport",
