@@ -195,15 +195,16 @@ def build_tiny_shapes_vlm(folder: str | Path, spec: WarmStart = DEFAULT_WARM_STA
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ftmods.models.tiny import _as_dir, _save_model, _seeded, build_tiny_vlm
+    from ftmods.models.toy_world import _one_thread
 
     path = _as_dir(folder)
     with tempfile.TemporaryDirectory() as scratch:
         build_tiny_vlm(scratch)
         model = AutoModelForImageTextToText.from_pretrained(scratch, local_files_only=True, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(scratch, local_files_only=True)
-    with _seeded(spec.seed):
+    with _one_thread(), _seeded(spec.seed):  # one reduction order whatever the caller's threads: identical builds
         warm_start(model, processor, spec)
-    measured = {mode: greedy_accuracy(model, processor, mode=mode) for mode in ("think", "no_think")}
+        measured = {mode: greedy_accuracy(model, processor, mode=mode) for mode in ("think", "no_think")}
     _save_model(model, path)
     processor.save_pretrained(path)
     sidecar = {"warm_start": asdict(spec), "greedy_accuracy": measured, "classes": list(CLASSES)}
