@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,29 @@ def test_strategy_snippets_compose_with_a_method_config(strategy):
     expected = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]["class_path"]
     assert parsed["trainer"]["strategy"]["class_path"] == expected
     assert parsed["model"]["init_args"]["pretrained"] == "tiny/causal-lm"  # the method part is untouched
+
+
+def _readme_commands() -> list[list[str]]:
+    """The README's ``python cli.py <fit|validate|test|predict> ...`` lines, comments dropped."""
+    commands = []
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("python cli.py "):
+            words = shlex.split(line.rstrip("\\ "), comments=True)[2:]
+            if words[0] in ("fit", "validate", "test", "predict") and "--print_config" not in words:
+                commands.append(words)
+    return commands
+
+
+@pytest.mark.parametrize("command", _readme_commands(), ids=lambda c: " ".join(c)[:90])
+def test_readme_commands_parse(command, monkeypatch):
+    """Every CLI command the README shows composes and parses (run from the repository root, as written)."""
+    monkeypatch.chdir(REPO)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        FtmodsCLI(args=[*command, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    parsed = yaml.safe_load(out.getvalue())
+    assert parsed["model"]["class_path"].startswith("ftmods.")
 
 
 @pytest.mark.parametrize("snippet", CALLBACKS, ids=lambda p: p.stem)
