@@ -40,6 +40,37 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # ------------------------------------------------------------------------------------------------- offline losses
 
 
+def noised_and_target(
+    latents: Tensor, noise: Tensor, alpha_bar: Tensor, prediction_type: PredictionType = "epsilon"
+) -> tuple[Tensor, Tensor]:
+    """The VP forward process and the UNet's regression target at the same timestep.
+
+    ``x_t = sqrt(a) x_0 + sqrt(1 - a) eps`` (which is also the Euler schedulers' scaled input ``x / sqrt(s^2 + 1)``),
+    and the target ``eps`` (epsilon-prediction) or ``v = sqrt(a) eps - sqrt(1 - a) x_0`` (v-prediction).
+
+    Args:
+        latents: ``(B, C, h, w)`` clean latents ``x_0``.
+        noise: ``(B, C, h, w)`` ``eps``.
+        alpha_bar: ``(B,)`` cumulative alpha of each sample's timestep.
+        prediction_type: What the UNet predicts.
+
+    Returns:
+        ``(x_t, target)``, both ``(B, C, h, w)`` in the latents' dtype.
+
+    Example:
+        >>> x, target = noised_and_target(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([0.64]),
+        ...                               "v_prediction")
+        >>> round(float(x), 4), round(float(target), 4)  # 0.8 * 1 + 0.6 * 0, 0.8 * 0 - 0.6 * 1
+        (0.8, -0.6)
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    a = alpha_bar.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))  # (B, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if prediction_type == "v_prediction" else noise
+    return noisy, target
+
+
 def denoising_error(pred: Tensor, target: Tensor) -> Tensor:
     """Per-sample mean squared error over all non-batch elements, in fp32.
 

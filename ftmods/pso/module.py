@@ -46,6 +46,7 @@ from ftmods.pso.loss import (
     distilled_timesteps,
     euler_ancestral_step,
     gaussian_logprob,
+    noised_and_target,
     online_pso_loss,
     pso_hinge_loss,
     pso_sigmoid_loss,
@@ -352,14 +353,11 @@ class PSOModule(LightningModule):
         index = torch.randint(len(choices), (count,), generator=generator, device=self.device)
         timesteps = choices[index]  # (B,)
         noise = torch.randn(win.shape, generator=generator, device=self.device, dtype=win.dtype)  # (B, C, h, w)
-        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps].view(-1, 1, 1, 1).to(win.dtype)
-        latents = torch.cat([win, lose])  # (2B, C, h, w)
-        noise2, alphas2, t2 = noise.repeat(2, 1, 1, 1), alphas.repeat(2, 1, 1, 1), timesteps.repeat(2)
-        noisy = alphas2.sqrt() * latents + (1 - alphas2).sqrt() * noise2  # VP form (= Euler input x / sqrt(s^2+1))
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = alphas2.sqrt() * noise2 - (1 - alphas2).sqrt() * latents
-        else:
-            target = noise2
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps]  # (B,)
+        t2 = timesteps.repeat(2)  # (2B,) the pair shares t and noise
+        noisy, target = noised_and_target(
+            torch.cat([win, lose]), noise.repeat(2, 1, 1, 1), alphas.repeat(2), self._prediction_type()
+        )  # (2B, C, h, w) each
         cond = self._repeat_cond(self.encode_prompts(batch["captions"], batch), 2)
         unet_dtype = next(self.unet.parameters()).dtype
         pred = self._unet(self.unet, noisy.to(unet_dtype), t2, cond)
@@ -382,12 +380,8 @@ class PSOModule(LightningModule):
             choices = torch.tensor(self.train_timesteps(), device=self.device)
             timesteps = choices[torch.randint(len(choices), (count,), generator=generator, device=self.device)]
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps].view(-1, 1, 1, 1).to(latents.dtype)
-        noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = alphas.sqrt() * noise - (1 - alphas).sqrt() * latents
-        else:
-            target = noise
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps]  # (B,)
+        noisy, target = noised_and_target(latents, noise, alphas, self._prediction_type())
         cond = self.encode_prompts(batch["captions"], batch)
         pred = self._unet(self.unet, noisy.to(next(self.unet.parameters()).dtype), timesteps, cond)
         errors = denoising_error(pred, target)  # (B,)
@@ -518,6 +512,20 @@ class PSOModule(LightningModule):
         images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 
+    def score_images(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """The reward model's ``(B,)`` fp32 scores, checked.
+
+        A user reward of the wrong shape or with NaN fails here, naming the reward, not deep inside the ranking.
+        """
+        scores = torch.as_tensor(self.reward(images, list(prompts)), device=self.device).float().reshape(-1)
+        finite = bool(torch.isfinite(scores).all())
+        if scores.numel() != images.shape[0] or not finite:
+            raise ValueError(
+                f"reward {type(self.reward).__name__} must return {images.shape[0]} finite scores for "
+                f"{images.shape[0]} images, got shape {tuple(scores.shape)} (finite: {finite})"
+            )
+        return scores
+
     def preferences(self, rewards: Tensor) -> Tensor:
         """``(B, 2)`` signs (+1 preferred, -1 not, 0 0 for a skipped tie) from rewards ``(2B,)`` (samples 0, then 1)."""
         first, second = rewards.view(2, -1)  # (B,), (B,)
@@ -552,7 +560,7 @@ class PSOModule(LightningModule):
         optimizer: Any = self.optimizers()
         rollout = self.rollout(batch["captions"], generator)
         assert self.reward is not None
-        rewards = self.reward(rollout["images"], rollout["prompts"]).to(self.device).float()  # (2B,)
+        rewards = self.score_images(rollout["images"], rollout["prompts"])  # (2B,)
         signs = self.preferences(rewards)  # (B, 2)
         cond = self.encode_prompts(rollout["prompts"])
         trained = list(range(len(rollout["timesteps"]) - 1))  # the last transition is deterministic
@@ -622,7 +630,7 @@ class PSOModule(LightningModule):
         if not torch.isfinite(images).all():
             raise FloatingPointError("validation images contain NaN / inf (try an fp32 or fp16-fix VAE)")
         if self.reward is not None:
-            self.val_reward.update(self.reward(images, list(batch["captions"])).mean(), weight=len(images))
+            self.val_reward.update(self.score_images(images, list(batch["captions"])).mean(), weight=len(images))
             self.log("val/reward", self.val_reward, on_epoch=True, prog_bar=True)
         if batch_idx == 0:
             log_image_grid(self.trainer, "val/images", images, list(batch["captions"]))

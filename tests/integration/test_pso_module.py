@@ -381,3 +381,16 @@ def test_dreambooth_hinge_with_class_prompt_references(tmp_path):
     changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p)}
     assert changed
     assert all("lora" in n for n in changed)
+
+
+def test_a_broken_reward_fails_naming_it():
+    """Any callable is a reward; one that returns the wrong shape or NaN fails with a message naming it."""
+    images = torch.rand(2, 3, 64, 64)
+    short = _module(mode="online", reward=lambda images, prompts: torch.zeros(images.shape[0] - 1), lora=LORA)
+    with pytest.raises(ValueError, match=r"must return 2 finite scores for 2 images, got shape \(1,\)"):
+        short.score_images(images, CAPTIONS[:2])
+    nan = _module(mode="online", reward=lambda images, prompts: [float("nan")] * images.shape[0], lora=LORA)
+    with pytest.raises(ValueError, match="finite: False"):
+        nan.score_images(images, CAPTIONS[:2])
+    good = _module(mode="online", reward=lambda images, prompts: [0.1, 0.2], lora=LORA)
+    assert good.score_images(images, CAPTIONS[:2]).tolist() == pytest.approx([0.1, 0.2])

@@ -499,3 +499,26 @@ def test_turbo_preset_is_not_the_reference_code_bug():
     assert set(TIMESTEP_PRESETS["sdxl-turbo"]) != set(buggy)
     assert 999 in TIMESTEP_PRESETS["sdxl-turbo"]
     assert 0 not in TIMESTEP_PRESETS["sdxl-turbo"]
+
+
+def test_noised_and_target_by_hand_and_consistent_with_diffusers():
+    """a = 0.36: x_t = 0.6 x0 + 0.8 eps; v = 0.6 eps - 0.8 x0. With x0 = 2, eps = -1: x_t = 1.2 - 0.8 = 0.4 and
+    v = -0.6 - 1.6 = -2.2; epsilon-prediction's target is eps itself. Both agree with DDPMScheduler's add_noise and
+    get_velocity."""
+    from diffusers import DDPMScheduler
+
+    from ftmods.pso.loss import noised_and_target
+
+    x0, eps, a = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), -1.0), torch.tensor([0.36])
+    noisy, v = noised_and_target(x0, eps, a, "v_prediction")
+    assert float(noisy) == pytest.approx(0.4)
+    assert float(v) == pytest.approx(-2.2)
+    assert torch.equal(noised_and_target(x0, eps, a)[1], eps)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    latents, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([999, 249])
+    noisy, v = noised_and_target(latents, noise, scheduler.alphas_cumprod[t], "v_prediction")
+    torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, t))
+    torch.testing.assert_close(v, scheduler.get_velocity(latents, noise, t))
+    with pytest.raises(ValueError, match="prediction_type"):
+        noised_and_target(x0, eps, a, "sample")  # type: ignore[arg-type]
