@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.launch import run_cli
 
 from ftmods.soup import load_ingredient
 
@@ -23,18 +21,15 @@ DECAY = ("--trainer.callbacks.init_args.decay", "0.5")  # right after the snippe
 def _launch(folder: Path, strategy: str, ema: str, *extra: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
     args = [
-        sys.executable, str(REPO / "cli.py"), "fit",
+        "fit",
         "-c", "configs/sft/tiny.yaml", "-c", f"configs/strategy/{strategy}.yaml",
         "-c", f"configs/callbacks/{ema}.yaml", *DECAY,
         "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
         "--model.init_args.sample_completions", "0", *extra,
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_cli(folder, *args)
     assert "not averaged" not in result.stderr  # ShardedEMA follows every trainable (sharded) parameter
     return folder / "runs/sft_tiny"
 

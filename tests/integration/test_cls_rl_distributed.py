@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.launch import run_cli
 
 from ftmods.models.tiny import resolve_pretrained
 
@@ -20,18 +18,13 @@ pytestmark = pytest.mark.distributed
 
 
 def _launch(folder: Path, strategy: str, *extra: str) -> Path:
-    folder.mkdir()
-    (folder / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
     args = [
-        sys.executable, str(REPO / "cli.py"), "fit",
+        "fit",
         "-c", "configs/cls_rl/tiny_no_think.yaml", "-c", f"configs/strategy/{strategy}.yaml",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "4",
         "--model.init_args.rewards", "[support.rewards.length_parity, equality]", *extra,
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_cli(folder, *args)
     return folder / "runs/cls_rl_tiny_no_think"
 
 

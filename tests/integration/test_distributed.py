@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.launch import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
 
 
 def _launch(folder: Path, strategy: str, *extra: str) -> Path:
-    folder.mkdir()
-    (folder / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
     args = [
-        sys.executable, str(REPO / "cli.py"), "fit",
+        "fit",
         "-c", "configs/sft/tiny.yaml", "-c", f"configs/strategy/{strategy}.yaml",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "6", *extra,  # the config's own validation interval: README's command as is
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_cli(folder, *args)
     return folder / "runs/sft_tiny"
 
 

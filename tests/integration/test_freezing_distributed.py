@@ -4,14 +4,12 @@ with the selection fixed at setup and re-drawn every epoch (gradient mask), and 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.launch import run_cli
 
 from ftmods.callbacks.freezing import HalfFineTuning, find_blocks
 from ftmods.models.tiny import resolve_pretrained
@@ -24,18 +22,13 @@ pytestmark = pytest.mark.distributed
 
 def _launch(folder: Path, strategy: str, *extra: str) -> tuple[Path, str]:
     """6 steps of configs/sft/tiny.yaml + configs/callbacks/hft.yaml on 2 processes; returns the run folder and log."""
-    folder.mkdir()
-    (folder / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
     args = [
-        sys.executable, str(REPO / "cli.py"), "fit",
+        "fit",
         "-c", "configs/sft/tiny.yaml", "-c", f"configs/strategy/{strategy}.yaml", "-c", "configs/callbacks/hft.yaml",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", *extra,
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_cli(folder, *args)
     return folder / "runs/sft_tiny", result.stdout + result.stderr
 
 

@@ -4,12 +4,10 @@ offline and online (manual optimization) mode."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.launch import run_cli
 
 from ftmods.models.tiny import resolve_pretrained
 
@@ -21,17 +19,13 @@ pytestmark = pytest.mark.distributed
 def test_ddp_ranks_end_identical(tmp_path, config):
     for name in ("tiny/sd", "tiny/clip"):
         resolve_pretrained(name)
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
     args = [
-        sys.executable, str(REPO / "cli.py"), "fit", "-c", f"configs/pso/{config}.yaml", "-c",
+        "fit", "-c", f"configs/pso/{config}.yaml", "-c",
         "configs/strategy/ddp.yaml", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "4", "--trainer.callbacks+=support.rank_digest.RankDigest",
         "--trainer.callbacks.dirpath", "digests",
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_cli(tmp_path, *args)
     ranks = [json.loads((tmp_path / "digests" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
     assert ranks[0]["digest"] == ranks[1]["digest"]

@@ -1,0 +1,26 @@
+"""Run ``python cli.py ...`` as a user does, in a scratch folder that sees the repository's configs (multi-process
+tests: DDP / FSDP2 on CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(folder: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """``python cli.py *args`` from ``folder`` (created, with a ``configs`` link to the repository's), one OpenMP
+    thread per process, ``tests/`` importable (``support.*`` callbacks and rewards); fails the test with the tail of
+    stderr if the command fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "configs").exists():
+        (folder / "configs").symlink_to(REPO / "configs")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=folder, env=env, capture_output=True,
+                            text=True, timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
