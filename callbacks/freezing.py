@@ -57,6 +57,23 @@ DEFAULT_CATEGORIES: dict[str, list[str]] = {
 }
 """HFT's categories for Llama / Qwen2 / Mistral blocks: per category, one regex per member (searched in the name)."""
 
+UNET_CATEGORIES: dict[str, list[str]] = {
+    "self_attn": [r"\.attn1\.to_q\.", r"\.attn1\.to_k\.", r"\.attn1\.to_v\.", r"\.attn1\.to_out\."],
+    "cross_attn": [r"\.attn2\.to_q\.", r"\.attn2\.to_k\.", r"\.attn2\.to_v\.", r"\.attn2\.to_out\."],
+    "ff": [r"\.ff\.net\.0\.", r"\.ff\.net\.2\."],
+    "norm": [
+        r"transformer_blocks\.\d+\.norm1\.",
+        r"transformer_blocks\.\d+\.norm2\.",
+        r"transformer_blocks\.\d+\.norm3\.",
+    ],
+}
+"""The same rule for diffusers' ``BasicTransformerBlock`` (Stable Diffusion / SDXL UNets, e.g. under ``PSOModule``):
+self-attention, cross-attention, feed-forward and norms are the categories. HFT was published for LLMs; this is its
+direct transfer to the UNet's transformer blocks (resnets stay outside the draw and follow ``other``)."""
+
+CATEGORY_PRESETS: dict[str, dict[str, list[str]]] = {"llama": DEFAULT_CATEGORIES, "unet": UNET_CATEGORIES}
+"""Named category sets for ``HalfFineTuning(categories=...)``."""
+
 DEFAULT_ALWAYS_TRAINABLE: list[str] = ["embed_tokens", "lm_head"]
 """Regexes (searched) of parameters HFT never freezes: input embeddings and output head."""
 
@@ -680,6 +697,14 @@ class ParameterFreezing(Callback):
             self._masked = [p for n, p in pl_module.named_parameters() if n in frozen]
 
     def _activate(self, trainable: frozenset[str], *, epoch: int | None) -> None:
+        if self._params and not trainable:
+            names = [n for n, _ in self._params]
+            when = f" in epoch {epoch}" if epoch is not None else ""
+            raise ValueError(
+                f"{type(self).__name__}: the selection leaves none of the {len(names)} trainable parameter tensors "
+                f"trainable{when} (candidates: {names[:5]}{' ...' if len(names) > 5 else ''}); nothing would train. "
+                "Loosen the freeze patterns, or raise the ratio / change the seed"
+            )
         self._trainable, self._epoch_of_draw = trainable, epoch
         total = sum(k for _, k in self._params)
         kept = sum(k for n, k in self._params if n in trainable)
@@ -746,8 +771,9 @@ class HalfFineTuning(ParameterFreezing):
         seed: Seed of the draw (non-negative; independent of ``seed_everything``).
         stage_index: Index of this stage in a multi-stage pipeline.
         mode: ``auto``, ``requires_grad`` or ``grad_mask`` (:func:`resolve_mode`).
-        categories: Category name to member regexes (searched in the parameter name); default
-            :data:`DEFAULT_CATEGORIES` (Llama / Qwen2 / Mistral names).
+        categories: Category name to member regexes (searched in the parameter name), or a preset name: ``llama``
+            (:data:`DEFAULT_CATEGORIES`, Llama / Qwen2 / Mistral names; the default) or ``unet``
+            (:data:`UNET_CATEGORIES`, diffusers UNets as in ``PSOModule``).
         layer_regex: Regex whose match (searched) ends a block's name prefix; ``None``: ``_no_split_modules``.
         always_trainable: Regexes (searched) of parameters never frozen; default ``["embed_tokens", "lm_head"]``
             (pass ``[]`` to let them follow ``other``).
@@ -773,7 +799,7 @@ class HalfFineTuning(ParameterFreezing):
         seed: int = 0,
         stage_index: int = 0,
         mode: Mode = "auto",
-        categories: dict[str, list[str]] | None = None,
+        categories: dict[str, list[str]] | Literal["llama", "unet"] | None = None,
         layer_regex: str | None = None,
         always_trainable: list[str] | None = None,
         other: Side = "trainable",
@@ -789,6 +815,9 @@ class HalfFineTuning(ParameterFreezing):
         _check_choice("reselect", reselect, ("stage", "epoch", "never"))
         _check_choice("other", other, ("trainable", "frozen"))
         _check_choice("balance", balance, ("count", "numel"))
+        if isinstance(categories, str):
+            _check_choice("categories", categories, tuple(CATEGORY_PRESETS))
+            categories = CATEGORY_PRESETS[categories]
         self.categories = {k: list(v) for k, v in (categories or DEFAULT_CATEGORIES).items()}
         self.always_trainable = list(DEFAULT_ALWAYS_TRAINABLE if always_trainable is None else always_trainable)
         for pattern in [p for ps in self.categories.values() for p in ps] + self.always_trainable + [layer_regex or ""]:
@@ -835,7 +864,7 @@ class HalfFineTuning(ParameterFreezing):
             raise ValueError(
                 f"HalfFineTuning: no trainable parameter of {type(pl_module).__name__} is a category member "
                 f"({self.categories}) inside a transformer block ({len(set(self._blocks.values()))} blocks found); "
-                "set categories= / layer_regex= for this architecture"
+                "set categories= / layer_regex= for this architecture (categories='unet' for a diffusers UNet)"
             )
 
     @override

@@ -321,9 +321,26 @@ def batch_logits(pl_module: LightningModule, batch: Any) -> tuple[Tensor, Tensor
 def training_step_loss(pl_module: LightningModule, batch: Any) -> Tensor:
     """A ``loss_fn`` for any module whose ``training_step`` returns the loss (or ``{"loss": ...}``).
 
+    A module that optimizes manually (``automatic_optimization=False``: its ``training_step`` steps the optimizer)
+    must offer ``training_loss(batch) -> Tensor``, the loss its step minimises without stepping anything
+    (``LocFTModule`` and online ``PSOModule`` do); it is called instead.
+
     ``self.log`` / ``self.log_dict`` are silenced during the call: the callback runs outside Lightning's loops,
     where logging from a step would raise.
     """
+    if not pl_module.automatic_optimization:
+        method = getattr(pl_module, "training_loss", None)
+        if method is None:
+            raise TypeError(
+                f"training_step_loss: {type(pl_module).__name__} optimizes manually (its training_step steps the "
+                "optimizer, which grafting must not do); give it a training_loss(batch) -> Tensor method, or pass "
+                "WeightGrafting(loss_fn=...)"
+            )
+        with _silenced_logging(pl_module):
+            loss = method(batch)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"{type(pl_module).__name__}.training_loss returned {type(loss).__name__}, not a Tensor")
+        return loss
     with _silenced_logging(pl_module):
         out = pl_module.training_step(batch, 0)
     loss = out["loss"] if isinstance(out, Mapping) else out
@@ -489,9 +506,10 @@ class WeightGrafting(Callback):
     ``loss_fn=ftmods.callbacks.grafting.training_step_loss`` and ``logits_fn=None``: the mask is then selected by
     the loss alone and accuracy / ECE are not reported.
 
-    Data: the gradient comes from the training dataloader (every batch, or ``max_batches``); selection and reported
-    metrics use the training and validation dataloaders (train accuracy + val accuracy, as the authors do); metrics
-    are reported on the validation data when there is one, else on the training data. The model is put in ``eval``
+    Data: the gradient comes from the training dataloader (every batch, or ``max_batches``), each batch through the
+    module's batch hooks (``on_before_batch_transfer`` ...) as in training; selection and reported metrics use the
+    training and validation dataloaders (train accuracy + val accuracy, as the authors do; see ``validation``);
+    metrics are reported on the validation data when it is used, else on the training data. The model is put in ``eval``
     mode meanwhile (no dropout, no BatchNorm updates). Under DDP each rank uses its own shard; gradients, counts and
     ECE are reduced over ranks, so the mask is identical everywhere. Sharded strategies (FSDP, DeepSpeed,
     ModelParallel) are refused: graft offline on a consolidated checkpoint with the pure functions. Memory: about
@@ -539,6 +557,10 @@ class WeightGrafting(Callback):
         logits_fn: ``(pl_module, batch) -> (logits (N, C), targets (N,))`` or None (no accuracy / ECE).
         max_batches: Batches per pass (gradient and evaluation) at most; default all (set it for endless or streaming
             dataloaders; the authors use up to 128).
+        validation: Whether the run at the end of fit also selects and reports on the trainer's validation
+            dataloader. ``None``: only with ``logits_fn`` (a classifier, whose validation batches look like its
+            training batches). Loss-only modules validate differently (``PSOModule`` on prompts, ``ManyICLModule``
+            on episodes), so they use the training data alone unless this is ``True``.
         n_bins: ECE bins.
         apply: Leave the grafted weights in the module afterwards (default: restore the fine-tuned ones).
         at_train_end: Graft at the end of fit with the trainer's dataloaders; False only records θ_pre, and you call
@@ -570,6 +592,7 @@ class WeightGrafting(Callback):
         loss_fn: LossFn | None = None,
         logits_fn: LogitsFn | None = batch_logits,
         max_batches: int | None = None,
+        validation: bool | None = None,
         n_bins: int = 10,
         apply: bool = False,
         at_train_end: bool = True,
@@ -591,7 +614,7 @@ class WeightGrafting(Callback):
         self.syntax = syntax
         self.pretrained, self.loss_fn, self.logits_fn = pretrained, loss_fn, logits_fn
         self.max_batches, self.n_bins, self.apply, self.dirpath, self.seed = max_batches, n_bins, apply, dirpath, seed
-        self.at_train_end = at_train_end
+        self.at_train_end, self.validation = at_train_end, validation
         self._snapshot: dict[str, Tensor] | None = None  # θ_pre on CPU, taken at the first on_fit_start ("snapshot")
         self._fingerprint: str | None = None  # state_fingerprint of θ_pre, taken at the first on_fit_start
         self._trainable: list[str] | None = None  # names requiring grad at the first on_fit_start
@@ -632,7 +655,7 @@ class WeightGrafting(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.at_train_end:
             return
-        val = trainer.val_dataloaders
+        val = trainer.val_dataloaders if self._uses_validation() else None
         if isinstance(val, (list, tuple)):
             val = val[0] if val else None
         train = trainer.train_dataloader
@@ -696,6 +719,9 @@ class WeightGrafting(Callback):
         return result
 
     # ----------------------------------------------------------------------------------------------------- helpers
+
+    def _uses_validation(self) -> bool:
+        return self.logits_fn is not None if self.validation is None else self.validation
 
     def _pretrained_state(self, pl_module: LightningModule) -> dict[str, Tensor]:
         if self.pretrained == "snapshot":
@@ -817,9 +843,11 @@ class _Run:
             self.params[name].copy_(value)
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The loader's batches through the module's batch hooks and onto the device, as Lightning's loops do."""
         for i, batch in enumerate(loader):
             if self.cb.max_batches is not None and i >= self.cb.max_batches:
                 return
+            batch = self.pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
             yield self.trainer.strategy.batch_to_device(batch)
 
     def loss(self, batch: Any) -> Tensor:

@@ -10,8 +10,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,6 +42,14 @@ def _tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Build tiny models once per session into a private cache (never the user's ``~/.cache``)."""
     if "FTMODS_CACHE" not in os.environ:
         os.environ["FTMODS_CACHE"] = str(tmp_path_factory.mktemp("ftmods_cache"))
+
+
+@pytest.fixture
+def in_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from a scratch folder that sees the repository's configs (relative data paths keep working)."""
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.fixture(autouse=True)

@@ -51,6 +51,7 @@ from torchmetrics import MeanMetric
 
 from ftmods.cls_rl.rewards import REWARDS, RewardFn, accuracy_reward, equality_reward, lenient_match
 from ftmods.datamodules.fewshot_images import encode_prompts
+from ftmods.models.adapters import adapters_disabled
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_processor, load_vlm, spec_to_hparam
 from ftmods.models.sharding import fully_shard_model, gather_root, vision_tower
 from ftmods.ops.grpo import (
@@ -435,8 +436,8 @@ class CLSRLModule(LightningModule):
                 return self.completion_logprobs(self.ref_model, inputs, completion_ids)
             finally:
                 self.ref_model.train()
-        with self.model.disable_adapter():
-            return self.completion_logprobs(self.model, inputs, completion_ids)
+        with adapters_disabled(self.model) as reference:
+            return self.completion_logprobs(reference, inputs, completion_ids)
 
     def score(self, completions: Sequence[str], labels: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted reward sum ``(N,)`` and each reward function's values."""

@@ -265,6 +265,10 @@ class LocFTModule(LightningModule):
         logits = self.model(**inputs, use_cache=False).logits  # (B, T, V)
         return self.loss_fn(logits, batch["labels"])
 
+    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The editing loss of a batch with no optimizer step (``training_step`` steps manually), e.g. for grafting."""
+        return self.batch_loss(batch).loss
+
     # ------------------------------------------------------------------------------------------------- steps
 
     def on_fit_start(self) -> None:

@@ -37,11 +37,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ftmods.models.adapters import adapters_disabled
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
 from ftmods.models.tiny import resolve_pretrained
 from ftmods.optim import build_optimizers
 from ftmods.pso.loss import (
     TIMESTEP_PRESETS,
+    OnlinePSOLossOutput,
     denoising_error,
     distilled_timesteps,
     euler_ancestral_step,
@@ -275,11 +277,8 @@ class PSOModule(LightningModule):
         if self.ref_unet is not None:
             yield self.ref_unet
         elif self.lora is not None:
-            self.unet.disable_adapters()
-            try:
-                yield self.unet
-            finally:
-                self.unet.enable_adapters()
+            with adapters_disabled(self.unet) as unet:
+                yield unet
         else:
             raise RuntimeError("no reference model (reference_model='none')")
 
@@ -568,11 +567,7 @@ class PSOModule(LightningModule):
         count = signs.shape[0]
         totals: dict[str, list[Tensor]] = {"loss": [], "clip_fraction": [], "accuracy": []}
         for index in order:
-            k = trained[index]
-            logp = self.transition_logprobs(self.unet, rollout, k, cond).view(2, count).T  # (B, 2)
-            with torch.no_grad(), self.reference_unet() as ref:
-                ref_logp = self.transition_logprobs(ref, rollout, k, cond).view(2, count).T  # (B, 2)
-            out = online_pso_loss(logp, ref_logp, signs, beta=hp["beta"], ratio_clip=hp["ratio_clip"])
+            out = self.transition_loss(rollout, trained[index], cond, signs)
             self.manual_backward(out.loss / (len(trained) * hp["online_accumulate"]))
             totals["loss"].append(out.loss.detach())
             totals["clip_fraction"].append(torch.as_tensor(out.clip_fraction, dtype=torch.float32))
@@ -597,6 +592,33 @@ class PSOModule(LightningModule):
         for name in ("clip_fraction", "accuracy"):
             if totals[name]:
                 self.log(f"train/{name}", torch.stack(totals[name]).mean(), batch_size=size, sync_dist=True)
+
+    def transition_loss(self, rollout: Mapping[str, Any], k: int, cond: Any, signs: Tensor) -> OnlinePSOLossOutput:
+        """The online PSO loss of transition ``k`` of a rollout (both samples of every prompt, ``signs`` (B, 2))."""
+        count = signs.shape[0]
+        logp = self.transition_logprobs(self.unet, rollout, k, cond).view(2, count).T  # (B, 2)
+        with torch.no_grad(), self.reference_unet() as ref:
+            ref_logp = self.transition_logprobs(ref, rollout, k, cond).view(2, count).T  # (B, 2)
+        return online_pso_loss(logp, ref_logp, signs, beta=self.hparams["beta"], ratio_clip=self.hparams["ratio_clip"])
+
+    def training_loss(self, batch: Mapping[str, Any]) -> Tensor:
+        """The loss a training step minimises, with no optimizer step (e.g. for ``WeightGrafting``).
+
+        Offline: the pair (or MSE) loss of the batch. Online: a fresh rollout, ranked by the reward, and the mean PSO
+        loss over its stochastic transitions; the graphs of all transitions are kept until backward, so memory grows
+        with the number of sampling steps (training itself backpropagates one transition at a time).
+        """
+        generator = self._generator(self.current_epoch, 0, self.global_rank)
+        if self.hparams["mode"] == "offline":
+            if self.hparams["loss"] == "mse":
+                return self.mse_loss(batch, generator)[0]
+            return self.offline_loss(self.pair_errors(batch, generator))[0]
+        rollout = self.rollout(batch["captions"], generator)
+        assert self.reward is not None
+        signs = self.preferences(self.score_images(rollout["images"], rollout["prompts"]))  # (B, 2)
+        cond = self.encode_prompts(rollout["prompts"])
+        losses = [self.transition_loss(rollout, k, cond, signs).loss for k in range(len(rollout["timesteps"]) - 1)]
+        return torch.stack(losses).mean()
 
     # --------------------------------------------------------------------------------------------- validation
 

@@ -38,14 +38,6 @@ def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ftmods"])
 
 
-@pytest.fixture
-def in_sandbox(tmp_path, monkeypatch):
-    """Run from a scratch folder that sees the repository's configs (relative data paths keep working)."""
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_method_config_parses_without_loading_weights(config):
     parsed = _print_config("-c", str(config))

@@ -324,7 +324,8 @@ def test_reference_samples_are_generated_once_into_the_cache(tmp_path):
         direct = module.pipeline(prompt=[first.prompt], num_inference_steps=4, guidance_scale=0.0, height=64,
                                  width=64, generator=[torch.Generator().manual_seed(first.seed)],
                                  output_type="latent").images[0]  # fmt: skip
-    torch.testing.assert_close(cached, direct.float())
+    # batch of 8 in the cache vs 1 here: float32 kernels may differ in the last bits (seen: 1.1e-5 in 1 of 256)
+    torch.testing.assert_close(cached, direct.float(), rtol=1e-4, atol=1e-4)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")}
     _trainer(tmp_path, max_steps=1).fit(_module(lora=LORA), datamodule=data())
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")} == stamps  # nothing rewritten

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
@@ -19,3 +20,23 @@ class KillAt(Callback):
     ) -> None:
         if trainer.global_step == self.at:
             raise RuntimeError("simulated crash")
+
+
+class ParameterProbe(Callback):
+    """Records, for a test, the parameters at ``on_train_start`` (after every callback's ``setup``: what they froze
+    is frozen by then) and at ``on_train_end`` (before later callbacks swap in averages or grafts)."""
+
+    def __init__(self) -> None:
+        self.trainable: set[str] = set()
+        self.start: dict[str, torch.Tensor] = {}
+        self.end: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.end = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def changed(self) -> set[str]:
+        return {n for n, value in self.end.items() if not torch.equal(value, self.start[n])}

@@ -219,13 +219,6 @@ def test_learned_soup_of_classifiers_learns_the_logit_scale(tmp_path):
         LearnedSoupModule(Classifier(), paths[:1])
 
 
-@pytest.fixture
-def in_sandbox(tmp_path, monkeypatch):
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 EVAL_ARGS = ["--eval-config", "configs/sft/tiny.yaml", "--model.init_args.sample_completions", "0"]
 
 

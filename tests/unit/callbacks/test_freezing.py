@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from support.callbacks import KillAt
 from torch import nn
 
 from ftmods.callbacks.freezing import (
+    UNET_CATEGORIES,
     HalfFineTuning,
     ParameterFreezing,
     find_blocks,
@@ -489,6 +491,40 @@ def test_plain_lightning_module(tmp_path, freezing):
         assert {"head.weight", "head.bias", "inp.weight", "inp.bias"} <= changed
     else:
         assert changed == {n for n in before if n.startswith(("layers.2.", "head."))}
+
+
+def test_a_selection_that_trains_nothing_is_refused(tmp_path):
+    module = _Stack()
+    before = _snapshot(module)
+    with pytest.raises(ValueError, match=r"leaves none of the 16 trainable parameter tensors trainable"):
+        _trainer(tmp_path, [ParameterFreezing(freeze=["*"], syntax="glob")], max_steps=1).fit(module)
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+def test_unet_category_preset_draws_the_transformer_blocks_of_a_diffusers_unet():
+    """``categories="unet"``: per BasicTransformerBlock, half of self-attention, cross-attention, feed-forward and
+    norms; resnets and the rest follow ``other``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=4,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)  # fmt: skip
+    hft = HalfFineTuning(categories="unet")
+    assert hft.categories == UNET_CATEGORIES
+    params = [(n, p.numel()) for n, p in unet.named_parameters()]
+    draw = half_fine_tuning_selection(params, find_blocks(unet), key=[0, 0], categories=hft.categories)
+    blocks = sorted({n.split(".transformer_blocks.")[0] for n, _ in params if ".transformer_blocks." in n})
+    assert len(blocks) == 4  # one down, the mid block, two up (layers_per_block + 1)
+    for block in blocks:
+        inside = {n for n, _ in params if n.startswith(block + ".transformer_blocks.0.")}
+        kept = {n for n in draw.trainable if n in inside}
+        for members in UNET_CATEGORIES.values():
+            weights = [n for n in inside if any(re.search(m, n) for m in members) and n.endswith("weight")]
+            assert 0 < sum(n in kept for n in weights) < len(weights)  # part of every category trains
+    assert all(n in draw.trainable for n, _ in params if ".resnets." in n)  # outside the blocks: other=trainable
+    with pytest.raises(ValueError, match="categories must be one of"):
+        HalfFineTuning(categories="vit")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------- configs

@@ -271,6 +271,75 @@ def test_loss_only_modules_use_training_step_loss(tmp_path):
     assert set(grafting.result.metrics) == {"finetuned/loss", "pretrained/loss", "grafted/loss"}
 
 
+class _Recording(SeededClassifier):
+    """Records the batch sizes ``training_step`` sees while grafting; batches arrive as dicts that
+    ``on_before_batch_transfer`` turns into ``(x, y)``, as Lightning's loops do."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.05) -> None:
+        super().__init__(seed, lr)
+        self.seen: list[int] = []
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
+
+    def training_step(self, batch, batch_idx):
+        if not self.training:  # grafting evaluates in eval mode; the fit loop trains in train mode
+            self.seen.append(len(batch[1]))
+        return super().training_step(batch, batch_idx)
+
+
+def _dict_loader(data: TensorDataset, batch_size: int) -> DataLoader:
+    return DataLoader([{"x": x, "y": y} for x, y in data], batch_size=batch_size)
+
+
+@pytest.mark.parametrize(("validation", "val_used"), [(None, False), (True, True)])
+def test_loss_only_grafting_uses_validation_only_when_asked(tmp_path, validation, val_used):
+    """Loss-only modules validate on other batches than they train on (PSO: prompts), so by default grafting uses
+    the training batches alone (size 16 here); ``validation=True`` adds the validation batches (size 12)."""
+    module = _Recording()
+    grafting = WeightGrafting(sparsity=0.1, steps=1, mask_lr=1e5, loss_fn=training_step_loss, logits_fn=None,
+                              validation=validation, dirpath=str(tmp_path / "graft"))  # fmt: skip
+    trainer = _trainer(tmp_path, [grafting], max_epochs=1, enable_checkpointing=False)
+    trainer.fit(module, _dict_loader(_blobs(64, 1), 16), _dict_loader(_blobs(48, 2), 12))
+    assert module.seen  # dict batches reached training_step as (x, y): the batch hooks ran
+    assert set(module.seen) == ({16, 12} if val_used else {16})
+
+
+class _Manual(SeededClassifier):
+    """Manual optimization: ``training_step`` steps the optimizer, which grafting must never call."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.05) -> None:
+        super().__init__(seed, lr)
+        self.automatic_optimization = False
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+        optimizer.step()
+        self.steps += 1
+
+
+class _ManualWithLoss(_Manual):
+    def training_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_manual_optimization_needs_a_training_loss(tmp_path):
+    train, val = _loaders()
+    grafting = WeightGrafting(sparsity=0.1, steps=1, loss_fn=training_step_loss, logits_fn=None)
+    with pytest.raises(TypeError, match=r"_Manual optimizes manually .* training_loss\(batch\)"):
+        _trainer(tmp_path, [grafting], max_epochs=1, enable_checkpointing=False).fit(_Manual(), train)
+    module = _ManualWithLoss()
+    grafting = WeightGrafting(sparsity=0.1, steps=2, mask_lr=1e5, loss_fn=training_step_loss, logits_fn=None,
+                              dirpath=str(tmp_path / "graft"))  # fmt: skip
+    _trainer(tmp_path, [grafting], max_epochs=1, enable_checkpointing=False).fit(module, train, val)
+    assert module.steps == len(train)  # the fit's own steps only: grafting called training_loss instead
+    assert grafting.result is not None
+    assert grafting.result.grafted == grafting.result.budget
+
+
 def test_keep_copies_whole_tensors_and_exclude_reverts_them(tmp_path):
     """net.2 (the output layer) is kept whole, outside the budget; net.0.bias is excluded, so it reverts to its
     pre-trained value; the budget is over net.0.weight only (6 · 16 = 96 entries)."""
