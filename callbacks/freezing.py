@@ -26,8 +26,6 @@ strategies, too late to apply anything); the checkpoint keeps its SHA-1 and ``lo
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,7 +42,7 @@ from torch import nn
 from typing_extensions import override
 
 from ftmods.models.sharding import transformer_layer_classes
-from ftmods.ops.params import match_parameters
+from ftmods.ops.params import select_by_patterns, selection_hash
 
 Mode = Literal["auto", "requires_grad", "grad_mask"]
 AppliedMode = Literal["requires_grad", "grad_mask"]
@@ -91,86 +89,6 @@ def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Pure selection functions (no Trainer)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def match_names(names: Sequence[str], patterns: Sequence[str], syntax: Literal["regex", "glob"] = "regex") -> set[str]:
-    r"""The names matched in full by any of the patterns.
-
-    Args:
-        names: Parameter names, e.g. ``[n for n, _ in module.named_parameters()]``.
-        patterns: With ``syntax="regex"``, exact names or regexes matched with ``re.fullmatch``
-            (:func:`ftmods.ops.params.match_parameters`); with ``"glob"``, shell patterns matched with
-            ``fnmatch.fnmatchcase`` against the whole name (``*`` also crosses dots).
-        syntax: ``regex`` or ``glob``.
-
-    Raises:
-        ValueError: If a pattern matches no name (a typo must not silently freeze or train nothing).
-
-    Example:
-        >>> names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
-        >>> sorted(match_names(names, ["*.mlp.*", "lm_head.*"], "glob"))
-        ['lm_head.weight', 'model.layers.0.mlp.up_proj.weight']
-        >>> sorted(match_names(names, [r"model\.layers\.\d+\..*"]))
-        ['model.layers.0.mlp.up_proj.weight']
-    """
-    _check_choice("syntax", syntax, ("regex", "glob"))
-    if syntax == "regex":
-        return set(match_parameters(names, patterns)) if patterns else set()
-    matched: set[str] = set()
-    for pattern in patterns:
-        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
-        if not hits:
-            raise ValueError(f"glob pattern {pattern!r} matches no parameter; e.g. {list(names)[:5]}")
-        matched |= hits
-    return matched
-
-
-def select_by_patterns(
-    names: Sequence[str],
-    *,
-    freeze: Sequence[str] = (),
-    train: Sequence[str] = (),
-    syntax: Literal["regex", "glob"] = "regex",
-    precedence: Literal["train", "freeze"] = "train",
-    other: Side | None = None,
-) -> list[str]:
-    """The trainable names (in the order of ``names``) under freeze / train patterns.
-
-    Rules: a name matched by ``train`` only is trainable, by ``freeze`` only frozen; a name matched by both follows
-    ``precedence`` (default ``train``: exceptions carve out of a broad freeze, e.g. ``freeze=["*"]``,
-    ``train=["*lm_head*"]``); a name matched by neither follows ``other``, whose default (``None``) is ``frozen``
-    when only ``train`` patterns are given ("train only these") and ``trainable`` otherwise.
-
-    Example:
-        >>> names = ["emb.weight", "block.0.weight", "block.1.weight", "head.weight"]
-        >>> select_by_patterns(names, freeze=["*"], train=["head.*"], syntax="glob")
-        ['head.weight']
-        >>> select_by_patterns(names, freeze=["block.*"], train=["block.1.*"], syntax="glob", precedence="freeze")
-        ['emb.weight', 'head.weight']
-        >>> select_by_patterns(names, train=["block.*"], syntax="glob")
-        ['block.0.weight', 'block.1.weight']
-    """
-    _check_choice("precedence", precedence, ("train", "freeze"))
-    _check_choice("other", other, ("trainable", "frozen", None))
-    frozen, trained = match_names(names, freeze, syntax), match_names(names, train, syntax)
-    rest_trainable = (other or ("frozen" if train and not freeze else "trainable")) == "trainable"
-
-    def trainable(name: str) -> bool:
-        if name in trained and (name not in frozen or precedence == "train"):
-            return True
-        return name not in frozen and rest_trainable
-
-    return [n for n in names if trainable(n)]
-
-
-def selection_hash(trainable: Iterable[str]) -> str:
-    """SHA-1 of the sorted trainable names, one per line: what the checkpoint stores and resume compares.
-
-    Example:
-        >>> selection_hash(["b", "a"]) == selection_hash(["a", "b"])
-        True
-    """
-    return hashlib.sha1("\n".join(sorted(trainable)).encode(), usedforsecurity=False).hexdigest()
 
 
 def resolve_mode(strategy: Strategy, mode: Mode, *, per_epoch: bool) -> AppliedMode:

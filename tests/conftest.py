@@ -52,12 +52,22 @@ def in_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
 @pytest.fixture(autouse=True)
 def _reset_torch_state() -> None:
-    """Every test starts with the default dtype, a fixed seed and no process group left over."""
+    """Every test starts with the default dtype, a fixed seed, no process group and no rendezvous variables left
+    over (Lightning writes MASTER_PORT into os.environ; a later subprocess launch would inherit a stale port)."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
+    saved = {key: os.environ.get(key) for key in DIST_ENV}
     yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     torch.set_default_dtype(torch.float32)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

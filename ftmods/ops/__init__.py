@@ -11,7 +11,14 @@ from ftmods.ops.grpo import (
     grpo_loss,
     k3_kl,
 )
-from ftmods.ops.params import freeze_all_but, match_parameters, proportional_layer
+from ftmods.ops.params import (
+    freeze_all_but,
+    match_names,
+    match_parameters,
+    proportional_layer,
+    select_by_patterns,
+    selection_hash,
+)
 from ftmods.ops.tokens import (
     masked_mean,
     next_token_targets,
@@ -32,10 +39,13 @@ __all__ = [
     "grpo_loss",
     "k3_kl",
     "masked_mean",
+    "match_names",
     "match_parameters",
     "next_token_targets",
     "proportional_layer",
     "segment_ids_from_position_ids",
+    "select_by_patterns",
+    "selection_hash",
     "split_prompt_and_target",
     "supervised_positions",
 ]

@@ -1,4 +1,4 @@
-r"""Select parameters by exact name or anchored regular expression (never by substring).
+r"""Select parameters by exact name, anchored regular expression or whole-name glob (never by substring).
 
 Substring matching, as in the LocFT and EasyEdit scripts, makes ``model.layers.2`` also select layers 20-29 and picks
 norm weights along with a "layer". Here a pattern is either an exact parameter name or a regex that must match the
@@ -7,8 +7,11 @@ whole name (``re.fullmatch``), so ``model\.layers\.2\..*`` selects layer 2 only.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from torch import nn
 
@@ -60,6 +63,89 @@ def match_parameters(names: Iterable[str], patterns: Sequence[str]) -> list[str]
             raise ValueError(f"parameter pattern {pattern!r} matches no parameter; e.g. {close or names[:5]}")
         selected |= hits
     return [n for n in names if n in selected]
+
+
+def match_names(names: Sequence[str], patterns: Sequence[str], syntax: Literal["regex", "glob"] = "regex") -> set[str]:
+    r"""The names matched in full by any of the patterns.
+
+    Args:
+        names: Parameter names, e.g. ``[n for n, _ in module.named_parameters()]``.
+        patterns: With ``syntax="regex"``, exact names or regexes matched with ``re.fullmatch``
+            (:func:`match_parameters`); with ``"glob"``, shell patterns matched with
+            ``fnmatch.fnmatchcase`` against the whole name (``*`` also crosses dots).
+        syntax: ``regex`` or ``glob``.
+
+    Raises:
+        ValueError: If a pattern matches no name (a typo must not silently freeze or train nothing).
+
+    Example:
+        >>> names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+        >>> sorted(match_names(names, ["*.mlp.*", "lm_head.*"], "glob"))
+        ['lm_head.weight', 'model.layers.0.mlp.up_proj.weight']
+        >>> sorted(match_names(names, [r"model\.layers\.\d+\..*"]))
+        ['model.layers.0.mlp.up_proj.weight']
+    """
+    if syntax not in ("regex", "glob"):
+        raise ValueError(f"syntax must be one of ['regex', 'glob'], got {syntax!r}")
+    if syntax == "regex":
+        return set(match_parameters(names, patterns)) if patterns else set()
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(f"glob pattern {pattern!r} matches no parameter; e.g. {list(names)[:5]}")
+        matched |= hits
+    return matched
+
+
+def select_by_patterns(
+    names: Sequence[str],
+    *,
+    freeze: Sequence[str] = (),
+    train: Sequence[str] = (),
+    syntax: Literal["regex", "glob"] = "regex",
+    precedence: Literal["train", "freeze"] = "train",
+    other: Literal["trainable", "frozen"] | None = None,
+) -> list[str]:
+    """The trainable names (in the order of ``names``) under freeze / train patterns.
+
+    Rules: a name matched by ``train`` only is trainable, by ``freeze`` only frozen; a name matched by both follows
+    ``precedence`` (default ``train``: exceptions carve out of a broad freeze, e.g. ``freeze=["*"]``,
+    ``train=["*lm_head*"]``); a name matched by neither follows ``other``, whose default (``None``) is ``frozen``
+    when only ``train`` patterns are given ("train only these") and ``trainable`` otherwise.
+
+    Example:
+        >>> names = ["emb.weight", "block.0.weight", "block.1.weight", "head.weight"]
+        >>> select_by_patterns(names, freeze=["*"], train=["head.*"], syntax="glob")
+        ['head.weight']
+        >>> select_by_patterns(names, freeze=["block.*"], train=["block.1.*"], syntax="glob", precedence="freeze")
+        ['emb.weight', 'head.weight']
+        >>> select_by_patterns(names, train=["block.*"], syntax="glob")
+        ['block.0.weight', 'block.1.weight']
+    """
+    if precedence not in ("train", "freeze"):
+        raise ValueError(f"precedence must be one of ['train', 'freeze'], got {precedence!r}")
+    if other not in ("trainable", "frozen", None):
+        raise ValueError(f"other must be one of ['trainable', 'frozen', None], got {other!r}")
+    frozen, trained = match_names(names, freeze, syntax), match_names(names, train, syntax)
+    rest_trainable = (other or ("frozen" if train and not freeze else "trainable")) == "trainable"
+
+    def trainable(name: str) -> bool:
+        if name in trained and (name not in frozen or precedence == "train"):
+            return True
+        return name not in frozen and rest_trainable
+
+    return [n for n in names if trainable(n)]
+
+
+def selection_hash(trainable: Iterable[str]) -> str:
+    """SHA-1 of the sorted trainable names, one per line: what the checkpoint stores and resume compares.
+
+    Example:
+        >>> selection_hash(["b", "a"]) == selection_hash(["a", "b"])
+        True
+    """
+    return hashlib.sha1("\n".join(sorted(trainable)).encode(), usedforsecurity=False).hexdigest()
 
 
 def freeze_all_but(model: nn.Module, patterns: Sequence[str]) -> list[str]:

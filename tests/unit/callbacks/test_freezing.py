@@ -24,10 +24,7 @@ from ftmods.callbacks.freezing import (
     ParameterFreezing,
     find_blocks,
     half_fine_tuning_selection,
-    match_names,
     resolve_mode,
-    select_by_patterns,
-    selection_hash,
 )
 from ftmods.datamodules import ChatDataModule
 from ftmods.models.loading import LoRASpec, load_causal_lm
@@ -38,60 +35,6 @@ TINY = "tiny/causal-lm"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
-
-
-# ------------------------------------------------------------------------------------------------ pattern selection
-
-NAMES = [
-    "model.embed_tokens.weight",
-    *(f"model.layers.{i}.{m}.weight" for i in (1, 10) for m in ("self_attn.q_proj", "mlp.up_proj")),
-    "model.norm.weight",
-    "lm_head.weight",
-]
-
-
-def test_regex_matches_whole_names_only():
-    """Anchored: 'model\\.layers\\.1\\..*' must not also select layer 10 (the substring trap)."""
-    assert match_names(NAMES, [r"model\.layers\.1\..*"]) == {
-        "model.layers.1.self_attn.q_proj.weight",
-        "model.layers.1.mlp.up_proj.weight",
-    }
-    assert match_names(NAMES, ["lm_head.weight"]) == {"lm_head.weight"}  # an exact name
-    with pytest.raises(ValueError, match="matches no parameter"):
-        match_names(NAMES, ["q_proj"])  # not a substring search
-
-
-def test_glob_matches_whole_names_and_crosses_dots():
-    assert match_names(NAMES, ["*.q_proj.*"], "glob") == {
-        "model.layers.1.self_attn.q_proj.weight",
-        "model.layers.10.self_attn.q_proj.weight",
-    }
-    assert match_names(NAMES, ["model.layers.1.*"], "glob") == match_names(NAMES, [r"model\.layers\.1\..*"])
-    with pytest.raises(ValueError, match="glob pattern 'q_proj' matches no parameter"):
-        match_names(NAMES, ["q_proj"], "glob")
-
-
-def test_precedence_and_unmatched_names():
-    both = {"freeze": ["*.layers.*"], "train": ["*.mlp.*"], "syntax": "glob"}
-    train_wins = set(select_by_patterns(NAMES, **both))
-    freeze_wins = set(select_by_patterns(NAMES, **both, precedence="freeze"))
-    mlp = {n for n in NAMES if ".mlp." in n}
-    attn = {n for n in NAMES if "q_proj" in n}
-    assert mlp <= train_wins
-    assert not attn & train_wins
-    assert not (mlp | attn) & freeze_wins
-    assert train_wins - mlp == freeze_wins == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    # only `train` given: everything else is frozen; only `freeze`: everything else trains; `other` overrides both
-    assert select_by_patterns(NAMES, train=["lm_head.weight"]) == ["lm_head.weight"]
-    assert select_by_patterns(NAMES, freeze=["lm_head.weight"]) == NAMES[:-1]
-    assert select_by_patterns(NAMES, train=["lm_head.weight"], other="trainable") == NAMES
-    with pytest.raises(ValueError, match="precedence"):
-        select_by_patterns(NAMES, train=["lm_head.weight"], precedence="first")  # type: ignore[arg-type]
-
-
-def test_selection_hash_is_order_free_and_content_sensitive():
-    assert selection_hash(["a", "b"]) == selection_hash(("b", "a"))
-    assert selection_hash(["a", "b"]) != selection_hash(["a"])
 
 
 # ---------------------------------------------------------------------------------------------------- HFT draws

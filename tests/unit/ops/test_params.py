@@ -6,8 +6,11 @@ from ftmods.ops.params import (
     LOCFT_PRESETS,
     default_locft_patterns,
     freeze_all_but,
+    match_names,
     match_parameters,
     proportional_layer,
+    select_by_patterns,
+    selection_hash,
 )
 
 NAMES = [f"model.layers.{i}.{m}.weight" for i in (2, 20, 21, 23) for m in ("mlp.down_proj", "input_layernorm")]
@@ -71,3 +74,57 @@ def test_presets_select_the_paper_tensors_on_a_tiny_llama():
     chosen = match_parameters(names, [r"model\.layers\.1\.mlp\.down_proj\.weight"])
     assert chosen == ["model.layers.1.mlp.down_proj.weight"]
     assert torch.Size([64, 128]) == dict(model.named_parameters())[chosen[0]].shape
+
+
+# ------------------------------------------------------------------ regex / glob selection (freezing callbacks)
+
+GLOB_NAMES = [
+    "model.embed_tokens.weight",
+    *(f"model.layers.{i}.{m}.weight" for i in (1, 10) for m in ("self_attn.q_proj", "mlp.up_proj")),
+    "model.norm.weight",
+    "lm_head.weight",
+]
+
+
+def test_regex_matches_whole_names_only():
+    """Anchored: 'model\\.layers\\.1\\..*' must not also select layer 10 (the substring trap)."""
+    assert match_names(GLOB_NAMES, [r"model\.layers\.1\..*"]) == {
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    }
+    assert match_names(GLOB_NAMES, ["lm_head.weight"]) == {"lm_head.weight"}  # an exact name
+    with pytest.raises(ValueError, match="matches no parameter"):
+        match_names(GLOB_NAMES, ["q_proj"])  # not a substring search
+
+
+def test_glob_matches_whole_names_and_crosses_dots():
+    assert match_names(GLOB_NAMES, ["*.q_proj.*"], "glob") == {
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.10.self_attn.q_proj.weight",
+    }
+    assert match_names(GLOB_NAMES, ["model.layers.1.*"], "glob") == match_names(GLOB_NAMES, [r"model\.layers\.1\..*"])
+    with pytest.raises(ValueError, match="glob pattern 'q_proj' matches no parameter"):
+        match_names(GLOB_NAMES, ["q_proj"], "glob")
+
+
+def test_precedence_and_unmatched_names():
+    both = {"freeze": ["*.layers.*"], "train": ["*.mlp.*"], "syntax": "glob"}
+    train_wins = set(select_by_patterns(GLOB_NAMES, **both))
+    freeze_wins = set(select_by_patterns(GLOB_NAMES, **both, precedence="freeze"))
+    mlp = {n for n in GLOB_NAMES if ".mlp." in n}
+    attn = {n for n in GLOB_NAMES if "q_proj" in n}
+    assert mlp <= train_wins
+    assert not attn & train_wins
+    assert not (mlp | attn) & freeze_wins
+    assert train_wins - mlp == freeze_wins == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    # only `train` given: everything else is frozen; only `freeze`: everything else trains; `other` overrides both
+    assert select_by_patterns(GLOB_NAMES, train=["lm_head.weight"]) == ["lm_head.weight"]
+    assert select_by_patterns(GLOB_NAMES, freeze=["lm_head.weight"]) == GLOB_NAMES[:-1]
+    assert select_by_patterns(GLOB_NAMES, train=["lm_head.weight"], other="trainable") == GLOB_NAMES
+    with pytest.raises(ValueError, match="precedence"):
+        select_by_patterns(GLOB_NAMES, train=["lm_head.weight"], precedence="first")  # type: ignore[arg-type]
+
+
+def test_selection_hash_is_order_free_and_content_sensitive():
+    assert selection_hash(["a", "b"]) == selection_hash(("b", "a"))
+    assert selection_hash(["a", "b"]) != selection_hash(["a"])
