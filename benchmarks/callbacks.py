@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -472,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     if "ema" in args.what:
         result["ema"] = summarize_ema(measure(args, batch, list(EMA_VARIANTS)))
     result |= {
+        "code_sha256": {  # sft/module.py, callbacks/freezing.py, callbacks/averaging.py
+            Path(inspect.getfile(obj)).name: hashlib.sha256(Path(inspect.getfile(obj)).read_bytes()).hexdigest()[:12]
+            for obj in (SFTModule, HalfFineTuning, ShardedEMA)
+        },
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "transformers": transformers.__version__,
