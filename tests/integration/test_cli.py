@@ -48,8 +48,13 @@ def test_every_method_config_parses_without_loading_weights(config):
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.stem)
 def test_strategy_snippets_compose_with_a_method_config(strategy):
     parsed = _print_config("-c", str(REPO / "configs/sft/tiny.yaml"), "-c", str(strategy))
-    expected = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]["class_path"]
-    assert parsed["trainer"]["strategy"]["class_path"] == expected
+    snippet = yaml.safe_load(strategy.read_text())["trainer"]
+    for key, value in snippet.items():  # every setting of the snippet reaches the trainer
+        if key == "strategy":
+            assert parsed["trainer"]["strategy"]["class_path"] == value["class_path"]
+            assert value["init_args"].items() <= parsed["trainer"]["strategy"]["init_args"].items()
+        else:
+            assert parsed["trainer"][key] == value
     assert parsed["model"]["init_args"]["pretrained"] == "tiny/causal-lm"  # the method part is untouched
 
 
