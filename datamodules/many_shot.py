@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypedDict
 
@@ -605,6 +605,22 @@ class EpisodeSampler(DistributedSampler):
         return (offset + i for i in super().__iter__())
 
 
+class ReplicatedSampler(DistributedSampler):
+    """Every index in order on every rank: a ``DistributedSampler`` so that Lightning keeps it under DDP / FSDP.
+
+    For evaluation queries that the module shares out itself (:class:`~ftmods.many_icl.ManyICLModule` scores each
+    query on exactly one rank, and runs all of them on every rank when the weights are sharded). Lightning's own
+    evaluation sampler would pad the ranks' shares by repeating queries, which then count twice in the means.
+
+    Example:
+        >>> list(ReplicatedSampler(range(3)))
+        [0, 1, 2]
+    """
+
+    def __init__(self, dataset: Sized) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)  # type: ignore[arg-type]
+
+
 # -------------------------------------------------------------------------------------------------------- collate
 
 
@@ -805,7 +821,8 @@ class ManyShotDataModule(LightningDataModule):
             ``temperature`` (∝ n^(1/temperature)).
         temperature: Temperature of ``task_sampling="temperature"``.
         episodes_per_epoch: Episodes per epoch; default: training records / mean shots per episode (at least one
-            per task).
+            per task). Rounded up to a multiple of the data-parallel ranks (each rank gets a whole share, none
+            repeated).
         target_scope: ``answers`` supervises every answer (with its separator); ``examples`` also every shot's
             prefix segment (plain: ``input_template`` with the input; chat: the user turn and the assistant header),
             never the instruction.
@@ -1007,6 +1024,10 @@ class ManyShotDataModule(LightningDataModule):
         # data-parallel share (Lightning keeps a DistributedSampler as it is); single-device strategies have none
         shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
         shard = shard or {"num_replicas": 1, "rank": 0}
+        replicas, size = shard["num_replicas"], len(self.episodes)
+        if size % replicas:  # whole shares, so that DistributedSampler does not pad them by repeating episodes
+            self.episodes.num_episodes = -(-size // replicas) * replicas  # fresh episodes (a function of the index)
+            rank_zero_info(f"many-shot: {size} -> {len(self.episodes)} episodes per epoch ({replicas} ranks)")
         sampler = EpisodeSampler(self.episodes, epoch=epoch, num_replicas=shard["num_replicas"], rank=shard["rank"])
         return resumable_loader(
             self.episodes,
@@ -1023,12 +1044,16 @@ class ManyShotDataModule(LightningDataModule):
         return resumable_loader(
             queries,  # type: ignore[arg-type]
             batch_size=self.hparams["eval_batch_size"],
+            sampler=ReplicatedSampler(queries),  # the same batches on every rank; the module shares them out
             collate_fn=list,
             num_workers=self.hparams["num_workers"],
         )
 
     def val_dataloader(self) -> Any:
-        """Lists of :class:`ManyShotQuery`: the evaluation queries, then the held-out tasks' (``heldout=True``)."""
+        """Lists of :class:`ManyShotQuery`: the evaluation queries, then the held-out tasks' (``heldout=True``).
+
+        Every rank gets every batch (:class:`ReplicatedSampler`): the module scores each query on one rank only.
+        """
         return self._eval_loader()
 
     def test_dataloader(self) -> Any:

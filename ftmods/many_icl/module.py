@@ -15,7 +15,9 @@ Implemented:
 - Evaluation with the DataModule's fixed many-shot prompts (``k_test`` demonstrations): option scoring (summed
   log-probability of each option's answer span, MetaICL "direct") for records with ``options``, greedy generation
   cut at the separator otherwise, scored by the record's metric (accuracy, exact match, F1, numeric match, ROUGE-L);
-  per task and averaged (``val/<task>/<metric>``, ``val/mean``); predictions logged as a table.
+  per task and averaged (``val/<task>/<metric>``, ``val/mean``, ``val/num_queries``); predictions logged as a table.
+  Under data parallelism every query is scored by exactly one rank and the means are global (DDP: each rank runs its
+  share; FSDP2: every rank runs every query in lock step and counts its share).
 - Forgetting: the DataModule's held-out tasks are scored before and after ``fit``; ``forgetting/<task>/drop`` and
   ``forgetting/mean_drop`` are logged and written to ``<log_dir>/forgetting.json``.
 
@@ -188,14 +190,32 @@ class ManyICLModule(SFTModule):
             loss = out.loss * self.trainer.world_size / total.clamp(min=1e-12)
         else:
             loss = out.loss / units.clamp(min=1e-12)
-        size = int(batch["input_ids"].shape[0])
-        self.log("train/loss", out.loss.detach() / units.clamp(min=1e-12), prog_bar=True, sync_dist=True,
-                 batch_size=size)  # fmt: skip
-        counts = out.bucket_tokens.tolist()  # one device sync for all buckets
-        for name, nll, count in zip(bucket_names(SHOT_BUCKETS), out.bucket_nll_sum, counts, strict=True):
-            if count > 0:
-                self.log(f"train/loss_shots_{name}", nll / count, batch_size=size)
+        self._log_train_losses(out, units, size=int(batch["input_ids"].shape[0]))
         return loss
+
+    def _log_train_losses(self, out: ManyICLLossOutput, units: Tensor, *, size: int) -> None:
+        """``train/loss`` and ``train/loss_shots_*`` of the micro-batch over all ranks: global sums / global counts.
+
+        One all-reduce of ``[loss sum, units, bucket NLL sums, bucket token counts]``, so the logged values equal a
+        single process's on the same global batch (a mean of per-rank means would weigh a rank with few answer
+        tokens as much as one with many; the bucket losses would be rank 0's alone).
+        """
+        n = len(SHOT_BUCKETS)
+        stats = torch.cat(
+            [
+                out.loss.detach().reshape(1).double(),
+                units.detach().reshape(1).double(),
+                out.bucket_nll_sum.double(),
+                out.bucket_tokens.double(),
+            ]
+        )  # (2 + 2M,)
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        values = stats.tolist()  # one device sync for everything
+        self.log("train/loss", values[0] / max(values[1], 1e-12), prog_bar=True, batch_size=size)
+        for i, name in enumerate(bucket_names(SHOT_BUCKETS)):
+            if values[2 + n + i] > 0:
+                self.log(f"train/loss_shots_{name}", values[2 + i] / values[2 + n + i], batch_size=size)
 
     # -------------------------------------------------------------------------------------------- evaluation
 
@@ -209,8 +229,29 @@ class ManyICLModule(SFTModule):
         if keys and (self.scores is None or tuple(self.scores.keys) != tuple(keys)):
             self.scores = ProtocolScores(keys)  # another DataModule (other tasks): new keys
 
-    def _score_queries(self, queries: list[Any]) -> dict[str, Tensor]:
-        """Per-query scores grouped as ``{"<task>/<metric>": (n,)}``; predictions kept for the samples table."""
+    def _sharded(self) -> bool:
+        """Whether the parameters are DTensor shards (FSDP2): every forward is then a collective of all ranks."""
+        return any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+
+    def _share(self, queries: list[Any]) -> tuple[list[Any], list[Any]]:
+        """``(queries this rank runs, queries it counts)``: each query is counted by exactly one rank.
+
+        Every rank gets the same evaluation batches (the DataModule replicates them, so Lightning's padded
+        ``DistributedSampler`` never counts a query twice). Replicated weights (DDP): each rank runs and counts its
+        strided share. Sharded weights (FSDP2): every rank runs every query in lock step (the forwards, and the number
+        of them, must match across ranks) and counts its strided share.
+        """
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = queries[rank::world]
+        return (queries if world > 1 and self._sharded() else mine), mine
+
+    def _score_queries(self, queries: list[Any], counted: list[Any] | None = None) -> dict[str, Tensor]:
+        """Per-query scores grouped as ``{"<task>/<metric>": (n,)}`` of the ``counted`` queries (default: all).
+
+        Every query in ``queries`` is run (under FSDP2 all ranks run the same ones); predictions of the counted ones
+        are kept for the samples table.
+        """
+        keep = None if counted is None else {id(q) for q in counted}
         scores: dict[str, list[float]] = {}
         self._last_predictions: list[dict[str, Any]] = []
         options = [q for q in queries if self.hparams["option_scoring"] and q.option_ids]
@@ -225,6 +266,8 @@ class ManyICLModule(SFTModule):
                 answer = truncate_at(text, query.stop)
                 predictions.append((query, answer, score_answer(answer, query.output, query.metric)))
         for query, answer, value in predictions:
+            if keep is not None and id(query) not in keep:
+                continue
             scores.setdefault(_key(query), []).append(value)
             self._last_predictions.append(
                 {
@@ -285,16 +328,18 @@ class ManyICLModule(SFTModule):
         out: list[str] = []
         size, budget = self.hparams["eval_micro_batch_size"], self.hparams["eval_max_new_tokens"]
         stops = [stop] if stop else None
+        # FSDP2: a rank whose sequences stopped early keeps joining the other ranks' forwards (they are collectives)
+        extra = {"synced_gpus": True} if self.trainer.world_size > 1 and self._sharded() else {}
         for start in range(0, len(prompts), size):
             chunk = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts[start : start + size]]
-            out += generate_texts(self.model, self.tokenizer, chunk, max_new_tokens=budget, stop_strings=stops)
+            out += generate_texts(self.model, self.tokenizer, chunk, max_new_tokens=budget, stop_strings=stops, **extra)
         return out
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
-        """Score a batch of many-shot queries; the first batch's predictions are logged as a table."""
+        """Score this rank's share of a batch of queries; the first batch's predictions are logged as a table."""
         if self.scores is None:
             raise RuntimeError("ManyICLModule evaluates ManyShotQuery lists from a ManyShotDataModule")
-        self.scores.update(self._score_queries(list(batch)))
+        self.scores.update(self._score_queries(*self._share(list(batch))))
         limit = self.hparams["sample_completions"]
         if batch_idx == 0 and limit > 0 and not self.trainer.sanity_checking:
             log_table(self.trainer, "val/predictions", self._last_predictions[:limit])
@@ -303,14 +348,18 @@ class ManyICLModule(SFTModule):
         """As :meth:`validation_step`, logged under ``test/``."""
         if self.scores is None:
             raise RuntimeError("ManyICLModule evaluates ManyShotQuery lists from a ManyShotDataModule")
-        self.scores.update(self._score_queries(list(batch)))
+        self.scores.update(self._score_queries(*self._share(list(batch))))
 
     def _log_scores(self, stage: str) -> None:
         assert self.scores is not None
-        values = {k: float(v) for k, v in self.scores.compute().items() if not torch.isnan(v)}
+        values = {k: float(v) for k, v in self.scores.compute().items() if not torch.isnan(v)}  # over all ranks
+        count = self.scores.count.sum()  # this rank's
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
         self.scores.reset()
         if values:
             self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False)
+        self.log(f"{stage}/num_queries", float(count))  # each query of the set counted once, whatever the ranks
         trained = [v for k, v in values.items() if not k.startswith("heldout/")]
         heldout = [v for k, v in values.items() if k.startswith("heldout/")]
         if trained:
@@ -335,12 +384,10 @@ class ManyICLModule(SFTModule):
         queries = list(getattr(getattr(self.trainer, "datamodule", None), "heldout_queries", None) or [])
         if not queries or self.scores is None:
             return {}
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        sharded = any(type(p).__name__ == "DTensor" for p in self.model.parameters())
-        mine = queries if sharded else queries[rank::world]  # sharded forwards are collectives: all in lock step
+        run, counted = self._share(queries)
         size = self.hparams["eval_micro_batch_size"]
-        for start in range(0, len(mine), size):
-            self.scores.update(self._score_queries(mine[start : start + size]))
+        for start in range(0, len(run), size):
+            self.scores.update(self._score_queries(run[start : start + size], counted))
         values = {k: float(v) for k, v in self.scores.compute().items() if not torch.isnan(v)}
         self.scores.reset()
         return values
