@@ -42,7 +42,9 @@ def fully_shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: boo
     from torch.distributed.fsdp import fully_shard
 
     classes = transformer_layer_classes(model)
-    blocks = [m for m in model.modules() if type(m).__name__ in classes]
+    # children before parents: fully_shard(parent) takes every parameter not yet sharded (diffusers' UNet lists
+    # CrossAttnUpBlock2D, which contains ResnetBlock2D); reversed pre-order visits a module after its descendants
+    blocks = [m for m in reversed(list(model.modules())) if type(m).__name__ in classes and m is not model]
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)

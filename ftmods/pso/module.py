@@ -19,6 +19,13 @@ Implemented (spec pso §3, §5, §12):
   to TensorBoard / W&B, with the reward's mean as ``val/reward`` when a reward model is set.
 - Export (:meth:`PSOModule.save_pretrained`): diffusers-format LoRA (``pytorch_lora_weights.safetensors``, loads with
   ``pipe.load_lora_weights``) or the whole pipeline after full fine-tuning.
+- Scale-out: offline ``t`` and noise are drawn per (epoch, item id), so a run on N ranks with batch B takes the same
+  steps as one process with batch N*B (same records per step, same draws). FSDP2 (``FSDP2Strategy`` /
+  ``ModelParallelStrategy``): the UNet (and a full fine-tuning reference copy) is sharded per block, children before
+  their parents (ResnetBlock2D / BasicTransformerBlock, then the up blocks, then the root); the VAE, text encoders
+  and reward model are frozen and small next to the UNet and stay replicated. Sampling (references, rollouts,
+  validation) runs the sharded UNet, which gathers each block's parameters in its forward: every rank makes the same
+  number of UNet calls. Checkpoints leave the frozen parts out in every strategy; the export gathers the UNet.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +47,7 @@ from torchmetrics import MeanMetric
 
 from ftmods.models.adapters import adapters_disabled
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
+from ftmods.models.sharding import transformer_layer_classes
 from ftmods.models.tiny import resolve_pretrained
 from ftmods.optim import build_optimizers
 from ftmods.pso.loss import (
@@ -56,7 +65,11 @@ from ftmods.pso.loss import (
 )
 
 Reward = Callable[[Tensor, Sequence[str]], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator]
+"""One random generator for a batch, or one per item."""
 REFERENCE_PREFIX = "ref_unet."
+FROZEN_PREFIXES = (REFERENCE_PREFIX, "vae.", "text_encoders.", "reward.")
+"""State-dict prefixes of the parts that never train and are rebuilt from ``pretrained`` (left out of checkpoints)."""
 
 
 class PSOModule(LightningModule):
@@ -99,7 +112,8 @@ class PSOModule(LightningModule):
         resolution: Image side of validation / reference samples (and SDXL's target size).
         guidance_scale: Classifier-free guidance of validation / reference sampling (0 for Turbo / DMD2).
         val_seed: Seed of the validation images.
-        seed: Seed of training noise, timesteps and rollouts (per step and rank, so resumed runs repeat them).
+        seed: Seed of training noise, timesteps and rollouts (offline: per epoch and item id, whatever the number of
+            ranks or the batch size; online: per epoch, step and rank), so resumed runs repeat them.
         optimizer: Optimizer factory; default AdamW(lr=1e-5, weight_decay=1e-4).
         lr_scheduler: Scheduler factory (stepped per optimizer step).
         gradient_clip_val: Online: gradient-norm clip (manual optimization clips itself; offline uses the Trainer's).
@@ -193,6 +207,20 @@ class PSOModule(LightningModule):
             self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False)
         if self.reward is not None and hasattr(self.reward, "load"):
             self.reward.load()
+        if self._device_mesh is not None:  # FSDP2 (FSDP2Strategy / ModelParallelStrategy)
+            mesh = self._device_mesh["data_parallel"]
+            for unet in (self.unet, self.ref_unet):
+                if unet is not None:
+                    shard_unet(unet, mesh)
+            # The strategy saves and loads get_model_state_dict(self) itself (on_save_checkpoint's filtering never
+            # reaches its loader): the frozen parts leave the state dict here and come back from the live modules.
+            self.register_state_dict_post_hook(_drop_frozen_state)
+            self.register_load_state_dict_pre_hook(_fill_frozen_state)
+
+    @property
+    def model(self) -> Any:
+        """The trained UNet (what :class:`ftmods.callbacks.PretrainedExport` gathers on sharded runs)."""
+        return self.unet
 
     def _replace_parts(self, parts: Any) -> None:
         """Apply ``unet_weights``, ``vae`` and ``scheduler_class`` to freshly loaded parts."""
@@ -284,10 +312,36 @@ class PSOModule(LightningModule):
 
     # ---------------------------------------------------------------------------------------------- encoding
 
-    def _generator(self, *keys: int) -> torch.Generator:
+    def _generator(self, *keys: int | str) -> torch.Generator:
         digest = hashlib.sha256(":".join(str(k) for k in (self.hparams["seed"], *keys)).encode()).digest()
         generator = torch.Generator(device=self.device)
         return generator.manual_seed(int.from_bytes(digest[:8], "little") % (2**63 - 1))
+
+    def _offline_generators(self, batch: Mapping[str, Any], batch_idx: int) -> Generators:
+        """One generator per item, keyed by (epoch, item id); batches without ``ids``: one per (epoch, step, rank).
+
+        Keyed by item, a pair's ``t`` and noise do not depend on the number of ranks, the batch size or the item's
+        position in the batch: N ranks with batch B train like one process with batch N*B.
+        """
+        ids = batch.get("ids")
+        if ids is None:
+            return self._generator(self.current_epoch, batch_idx, self.global_rank)
+        return [self._generator(self.current_epoch, "item", str(key)) for key in ids]
+
+    def _draw(self, shape: Sequence[int], generator: Generators, high: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Indices ``(B,)`` below ``high`` and noise of ``shape`` ``(B, C, h, w)``.
+
+        From one generator for the batch (indices first, then noise), or item ``i``'s from ``generator[i]``.
+        """
+        device = self.device
+        if isinstance(generator, torch.Generator):
+            index = torch.randint(high, (shape[0],), generator=generator, device=device)
+            return index, torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        index = torch.cat([torch.randint(high, (1,), generator=g, device=device) for g in generator])
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+        return index, noise
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -334,8 +388,10 @@ class PSOModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- offline
 
-    def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+    def pair_errors(self, batch: Mapping[str, Any], generator: Generators) -> dict[str, Tensor]:
         """Per-pair denoising errors of policy (and reference) on target and reference latents, shared ``t`` and noise.
+
+        ``generator``: one for the batch, or one per pair (training: :meth:`_offline_generators`).
 
         Returns ``policy_win`` / ``policy_lose`` ``(B,)`` (differentiable) and ``ref_win`` / ``ref_lose`` (no grad,
         absent without a reference model), plus ``timesteps`` ``(B,)``.
@@ -349,9 +405,8 @@ class PSOModule(LightningModule):
             raise ValueError("offline PSO batches need 'reference_latents' or 'reference' (see PSODataModule)")
         count = win.shape[0]
         choices = torch.tensor(self.train_timesteps(), device=self.device)
-        index = torch.randint(len(choices), (count,), generator=generator, device=self.device)
+        index, noise = self._draw(win.shape, generator, len(choices), win.dtype)  # (B,), (B, C, h, w)
         timesteps = choices[index]  # (B,)
-        noise = torch.randn(win.shape, generator=generator, device=self.device, dtype=win.dtype)  # (B, C, h, w)
         alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps]  # (B,)
         t2 = timesteps.repeat(2)  # (2B,) the pair shares t and noise
         noisy, target = noised_and_target(
@@ -368,17 +423,16 @@ class PSOModule(LightningModule):
             out["ref_win"], out["ref_lose"] = ref_errors[:count], ref_errors[count:]
         return out
 
-    def mse_loss(self, batch: Mapping[str, Any], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def mse_loss(self, batch: Mapping[str, Any], generator: Generators) -> tuple[Tensor, dict[str, Tensor]]:
         """The naive baseline: mean epsilon- (or v-) MSE on the targets, ``t`` uniform over all or distilled steps."""
         latents = self.encode_images(batch["target"])  # (B, C, h, w)
-        count = latents.shape[0]
         if self.hparams["mse_timesteps"] == "all":
             total = int(self.noise_scheduler.config.num_train_timesteps)
-            timesteps = torch.randint(total, (count,), generator=generator, device=self.device)
+            timesteps, noise = self._draw(latents.shape, generator, total, latents.dtype)
         else:
             choices = torch.tensor(self.train_timesteps(), device=self.device)
-            timesteps = choices[torch.randint(len(choices), (count,), generator=generator, device=self.device)]
-        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+            index, noise = self._draw(latents.shape, generator, len(choices), latents.dtype)
+            timesteps = choices[index]
         alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[timesteps]  # (B,)
         noisy, target = noised_and_target(latents, noise, alphas, self._prediction_type())
         cond = self.encode_prompts(batch["captions"], batch)
@@ -427,10 +481,10 @@ class PSOModule(LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         """Offline: one pair batch, automatic optimization. Online: rollouts, ranking, per-transition updates."""
-        generator = self._generator(self.current_epoch, batch_idx, self.global_rank)
         if self.hparams["mode"] == "online":
-            self._online_step(batch, batch_idx, generator)
+            self._online_step(batch, batch_idx, self._generator(self.current_epoch, batch_idx, self.global_rank))
             return None
+        generator = self._offline_generators(batch, batch_idx)
         if self.hparams["loss"] == "mse":
             loss, logs = self.mse_loss(batch, generator)
         else:
@@ -608,12 +662,12 @@ class PSOModule(LightningModule):
         loss over its stochastic transitions; the graphs of all transitions are kept until backward, so memory grows
         with the number of sampling steps (training itself backpropagates one transition at a time).
         """
-        generator = self._generator(self.current_epoch, 0, self.global_rank)
         if self.hparams["mode"] == "offline":
+            generator = self._offline_generators(batch, 0)
             if self.hparams["loss"] == "mse":
                 return self.mse_loss(batch, generator)[0]
             return self.offline_loss(self.pair_errors(batch, generator))[0]
-        rollout = self.rollout(batch["captions"], generator)
+        rollout = self.rollout(batch["captions"], self._generator(self.current_epoch, 0, self.global_rank))
         assert self.reward is not None
         signs = self.preferences(self.score_images(rollout["images"], rollout["prompts"]))  # (B, 2)
         cond = self.encode_prompts(rollout["prompts"])
@@ -676,8 +730,7 @@ class PSOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave out the frozen parts: the reference copy (the pretrained UNet), VAE, text encoders, reward model."""
         state = checkpoint.get("state_dict", {})
-        frozen = (REFERENCE_PREFIX, "vae.", "text_encoders.", "reward.")
-        for key in [k for k in state if k.startswith(frozen)]:
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -694,18 +747,36 @@ class PSOModule(LightningModule):
         """Export in diffusers format.
 
         LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(path)``); full fine-tuning: the whole
-        pipeline (``DiffusionPipeline.from_pretrained(path)``). ``state_dict`` (from sharded runs) is not used yet.
+        pipeline (``DiffusionPipeline.from_pretrained(path)``).
+
+        Args:
+            path: Output folder (created).
+            state_dict: A full (gathered) state dict of the UNet to write instead of its live parameters: needed on
+                sharded (FSDP2) runs, where :class:`ftmods.callbacks.PretrainedExport` gathers it on every rank and
+                calls this on rank 0 (see :attr:`model`).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if state_dict is None and _is_sharded(self.unet):
+            raise ValueError("the UNet is sharded (FSDP2): pass its gathered state_dict (PretrainedExport does)")
         if self.lora is not None:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, state_dict=state_dict))
             type(self.pipeline).save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
-        else:
+        elif state_dict is None:
             self.pipeline.save_pretrained(path, safe_serialization=True)
+        else:  # a plain UNet holding the gathered weights stands in for the sharded one while the pipeline is written
+            pipe, sharded = self.pipeline, self.unet
+            unet = _plain_class(sharded).from_config(sharded.config)
+            dtype = next(iter(state_dict.values())).dtype
+            unet.load_state_dict(state_dict)
+            pipe.unet = unet if unet.dtype == dtype else unet.to(dtype=dtype)
+            try:
+                pipe.save_pretrained(path, safe_serialization=True)
+            finally:
+                pipe.unet = sharded
         return path
 
     def on_fit_start(self) -> None:
@@ -718,11 +789,63 @@ class PSOModule(LightningModule):
         generate_references(self, data)
 
 
+def shard_unet(unet: nn.Module, mesh: Any) -> int:
+    """FSDP2-shard a diffusers UNet per block, children before their parents, then the root.
+
+    The blocks are the UNet's ``_no_split_modules`` (``ResnetBlock2D``, ``BasicTransformerBlock``,
+    ``CrossAttnUpBlock2D``, ``UpBlock2D`` for SD / SDXL): the up blocks *contain* ResNet and transformer blocks, and
+    ``fully_shard`` must see a child before its parent (a parent takes every parameter not yet sharded). LoRA weights
+    shard with the block that holds them (FSDP2 allows frozen and trainable parameters in one unit).
+
+    Returns:
+        The number of blocks sharded (besides the root).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    classes = transformer_layer_classes(unet)
+    blocks = [m for m in reversed(list(unet.modules())) if type(m).__name__ in classes and m is not unet]
+    for block in blocks:  # reversed pre-order: every module after all of its descendants
+        fully_shard(block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+    return len(blocks)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _plain_class(model: nn.Module) -> type[Any]:
+    """The model's own class under FSDP2's dynamic ``FSDP<Class>`` subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _drop_frozen_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook (FSDP2): leave out the frozen parts (:data:`FROZEN_PREFIXES`)."""
+    frozen = tuple(prefix + p for p in FROZEN_PREFIXES)
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]
+
+
+def _fill_frozen_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook (FSDP2): put the live frozen parts back into a state dict without them (a checkpoint's)."""
+    assert isinstance(module, PSOModule)
+    for part_prefix, part in module._frozen_parts():
+        if part is not None:
+            for key, value in part.state_dict().items():
+                state_dict.setdefault(prefix + part_prefix + key, value)
+
+
 def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> int:
     """Sample the frozen initial model for every missing reference of ``data`` and write the latents to its cache.
 
     Each rank takes every ``world``-th request; each request is sampled with its own seed (model-native scheduler,
-    ``num_inference_steps``, ``guidance_scale``), so the cache does not depend on the number of ranks.
+    ``num_inference_steps``, ``guidance_scale``), so the cache does not depend on the number of ranks. All ranks list
+    the missing requests before any rank writes (a barrier), so they split the same list. With a sharded (FSDP2) UNet
+    every pipeline call is collective: a rank with fewer requests runs as many (discarded) calls as the busiest one.
 
     Returns:
         The number of references this rank generated.
@@ -735,23 +858,33 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
     cache = data.hparams["reference_cache"]
     expected = reference_metadata(module)
     check_reference_cache(cache, expected)
-    requests = list(data.reference_requests())[trainer.global_rank :: trainer.world_size]
+    everything = list(data.reference_requests())
+    trainer.strategy.barrier("pso_reference_list")  # nobody writes before every rank has listed what is missing
+    requests = everything[trainer.global_rank :: trainer.world_size]
     if requests:
         rank_zero_info(f"PSO: generating {len(requests)} reference samples per rank into {cache}")
     pipe, size = module.pipeline, module.hparams["resolution"]
     steps = module.hparams["num_inference_steps"]
+    busiest = math.ceil(len(everything) / trainer.world_size)  # rank 0's share
+    # A sharded UNet's calls are collective: every rank makes as many as the busiest one.
+    calls = math.ceil((busiest if _is_sharded(module.unet) else len(requests)) / batch_size)
     with module.reference_unet() as unet:
         original = pipe.unet
         pipe.unet = unet
         try:
-            for start in tqdm(range(0, len(requests), batch_size), disable=not trainer.is_global_zero or not requests,
-                              desc="reference samples"):  # fmt: skip
-                chunk = requests[start : start + batch_size]
+            for call in tqdm(range(calls), disable=not trainer.is_global_zero or not requests,
+                             desc="reference samples"):  # fmt: skip
+                chunk = requests[call * batch_size : (call + 1) * batch_size]
+                padding = not chunk
+                if padding:  # sharded UNet: join the other ranks' collectives, keep nothing
+                    chunk = everything[:1]
                 generators = [torch.Generator(device=module.device).manual_seed(r.seed) for r in chunk]
                 with torch.no_grad():
                     latents = pipe(prompt=[r.prompt for r in chunk], **module._steps_kwargs(steps),
                                    guidance_scale=module.hparams["guidance_scale"], height=size, width=size,
                                    generator=generators, output_type="latent").images  # fmt: skip
+                if padding:
+                    continue
                 for request, latent in zip(chunk, latents, strict=True):
                     metadata = {"prompt": request.prompt, "seed": str(request.seed), **expected}
                     save_reference_latents(cache, request.key, latent.float().cpu(), metadata)
