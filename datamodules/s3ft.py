@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from ftmods.datamodules.chat import ChatBatch, ChatCollator, ChatEncoder
 from ftmods.datamodules.records import (
@@ -618,12 +619,30 @@ class S3FTDataModule(LightningDataModule):
         )
 
     def predict_dataloader(self) -> Any:
-        """Lists of :class:`S3FTItem` (``predict_batch_size`` each) in file order."""
+        """Lists of :class:`S3FTItem` (``predict_batch_size`` each) in file order; each data-parallel rank's share.
+
+        Distributed, every rank gets the same number of items (a ``DistributedSampler`` that repeats the first items to
+        even out the ranks; :class:`ftmods.s3ft.SelectionWriter` drops the repeats when it merges): Lightning's own
+        predict sampler does not repeat, so with an item count that does not divide evenly one rank would run a batch
+        more than the others, and under FSDP2 that rank's generation waits forever for the others' all-gathers.
+        """
         if self.items is None:
             raise RuntimeError("call setup('predict') first")
+        sampler: DistributedSampler[Any] | None = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}  # data-parallel size / rank
+            sampler = DistributedSampler(
+                self.items,  # type: ignore[arg-type]
+                num_replicas=shard.get("num_replicas", trainer.world_size),
+                rank=shard.get("rank", trainer.global_rank),
+                shuffle=False,
+                drop_last=False,
+            )
         return resumable_loader(
             self.items,  # type: ignore[arg-type]
             batch_size=self.hparams["predict_batch_size"],
+            sampler=sampler,
             collate_fn=list,
             num_workers=self.hparams["num_workers"],
         )

@@ -9,9 +9,14 @@ Implemented:
   banned-phrase filter and the same judge; else the gold answer. Each item becomes one selection record with
   ``source`` in ``model | paraphrase | gold`` and every intermediate answer and verdict, written per batch by
   :class:`ftmods.s3ft.SelectionWriter` (per-rank part files, merged at the end; items already in the selection are
-  skipped on a re-run, so an interrupted ``predict`` resumes). Generation runs on every data-parallel rank.
+  skipped on a re-run, so an interrupted ``predict`` resumes). Generation runs on every data-parallel rank, each on
+  its share of the items. Under FSDP2 the root unit is gathered for the call
+  (:func:`~ftmods.models.sharding.gather_root`), ``generate`` runs with ``synced_gpus`` and every rank joins every
+  generation (a rank with nothing to paraphrase generates one throw-away prompt; the DataModule gives the ranks
+  equally many batches). An ``LLMJudge`` model is replicated on every rank (it judges the rank's own items).
 - ``fit`` is the completion-only SFT of :class:`ftmods.sft.SFTModule` on the selection (prompt = the prediction
-  prompt, target = the selected response), with the loss also logged per source (``train/loss_model`` ...).
+  prompt, target = the selected response), with the loss also logged per source (``train/loss_model`` ...: the
+  token-mean NLL of that source over all ranks' micro-batches, NaN in a step without an example of it).
 
 Not implemented: a vLLM generation backend (``model.generate`` only); the general-benchmark (MMLU, TruthfulQA,
 HellaSwag, Winogrande) delta, which needs lm-evaluation-harness and downloads.
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
+from ftmods.models.sharding import gather_root
 from ftmods.ops.tokens import segment_ids_from_position_ids
 from ftmods.s3ft.judges import BaseJudge, Verdict, make_judge
 from ftmods.s3ft.prompts import BANNED_PHRASES, PARAPHRASE_PROMPTS, PREDICT_PROMPTS, banned_phrase, render
@@ -120,7 +126,8 @@ class S3FTModule(SFTModule):
         self.paraphrase_prompts = _per_task(paraphrase_prompt, PARAPHRASE_PROMPTS)
         self.banned = tuple(BANNED_PHRASES if banned_phrases is None else banned_phrases)
         self._task_judges: dict[str, BaseJudge] = {}
-        self._source_nll: dict[str, Tensor] = {}
+        self._source_nll: Tensor | None = None  # (2, S) per-source NLL sums and token counts of the step
+        self._logged_sources: tuple[str, ...] = SOURCES  # set in on_fit_start from the selection's mixture
 
     # -------------------------------------------------------------------------------------------- selection
 
@@ -160,10 +167,29 @@ class S3FTModule(SFTModule):
         kwargs: dict[str, Any] = {"do_sample": self.hparams["do_sample"]}
         if self.hparams["do_sample"]:
             kwargs.update(temperature=self.hparams["temperature"], top_p=self.hparams["top_p"])
-        if any(type(p).__name__ == "DTensor" for p in self.model.parameters()):
-            kwargs["synced_gpus"] = True  # FSDP2: ranks that finish early keep joining the collectives
-        texts = generate_texts(self.model, self.tokenizer, ids, max_new_tokens=self.hparams["max_new_tokens"], **kwargs)
+        sharded = gather_root(self.model)  # FSDP2: root (embeddings, head) gathered once for the whole call
+        if sharded:
+            kwargs["synced_gpus"] = True  # ranks that finish early keep joining the blocks' all-gathers
+        try:
+            texts = generate_texts(
+                self.model, self.tokenizer, ids, max_new_tokens=self.hparams["max_new_tokens"], **kwargs
+            )
+        finally:
+            if sharded:
+                self.model.reshard()
         return [t.strip() for t in texts]
+
+    def _sharded(self) -> bool:
+        """Whether the model's parameters are FSDP2 shards (every rank must then run every forward in lock step)."""
+        return any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` on any rank (one collective; only when the model is sharded, where generation is collective)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or not self._sharded():
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)
 
     def _judge(self, items: list[Any], candidates: list[str]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(items)
@@ -181,8 +207,14 @@ class S3FTModule(SFTModule):
         verdicts = self._judge(items, answers)
         rejected = [i for i, v in enumerate(verdicts) if not v.correct]
         para: dict[int, tuple[str, Verdict]] = {}
-        if self.hparams["paraphrase"] and rejected:
-            texts = self.generate([self.prompt_for(items[i], "paraphrase") for i in rejected])
+        # Sharded model: a rank with nothing rejected still joins the paraphrase generation of the others (one
+        # throw-away prompt), else the ranks' all-gathers fall out of step and the run hangs.
+        if self.hparams["paraphrase"] and self._any_rank(bool(rejected)):
+            if rejected:
+                texts = self.generate([self.prompt_for(items[i], "paraphrase") for i in rejected])
+            else:
+                texts = []
+                self.generate([self.prompt_for(items[0], "paraphrase")])
             clean = [(i, t) for i, t in zip(rejected, texts, strict=True) if banned_phrase(t, self.banned) is None]
             for i, text in zip(rejected, texts, strict=True):
                 phrase = banned_phrase(text, self.banned)
@@ -230,37 +262,50 @@ class S3FTModule(SFTModule):
     def on_fit_start(self) -> None:
         """Log the training mixture of the selection (``s3ft/percent_<source>``; the DataModule prints it)."""
         mixture = getattr(getattr(self.trainer, "datamodule", None), "mixture", None)
+        counts = (mixture or {}).get("counts")
+        # train/loss_<source> for every source the selection has: logged each step (NaN in a step without one), as a
+        # metric logged only in some steps would repeat its stale value in the others (Lightning's on_step cache)
+        self._logged_sources = tuple(s for s in SOURCES if counts is None or counts.get(s, 0) > 0)
         if mixture and self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics({f"s3ft/percent_{k}": float(v) for k, v in mixture["percent"].items()}, step=0)
 
     def compute_loss(self, batch: dict[str, Tensor], *, denominator: float | Tensor | None = None) -> SFTLossOutput:
-        """The SFT loss; per-source NLL means of the batch are kept for logging (``train/loss_<source>``)."""
+        """The SFT loss; per-source NLL sums and token counts of the batch are kept for ``train/loss_<source>``."""
         logits, targets, keep = self.supervised_logits(batch)  # (B, K, V), (B, K), (K,)
         if "source_ids" in batch:
             self._source_nll = self._per_source_nll(batch, logits.detach(), targets, keep)
         return self.reduce_nll(batch, logits, targets, keep, denominator=denominator)
 
     @torch.no_grad()
-    def _per_source_nll(
-        self, batch: dict[str, Tensor], logits: Tensor, targets: Tensor, keep: Tensor
-    ) -> dict[str, Tensor]:
+    def _per_source_nll(self, batch: dict[str, Tensor], logits: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
+        """``(2, S)``: NLL sum and supervised-token count of each source of :data:`SOURCES` in the batch."""
         if "position_ids" in batch and "attention_mask" not in batch:  # packed: one source per segment
             segment = segment_ids_from_position_ids(batch["position_ids"])[:, keep.to(targets.device)]  # (1, K)
             source = batch["source_ids"].to(targets.device)[segment]  # (1, K)
         else:
             source = batch["source_ids"].to(targets.device)[:, None].expand_as(targets)  # (B, K)
-        sums, counts = grouped_token_nll(logits, targets, source, len(SOURCES))  # (3,), (3,)
-        present = counts.tolist()  # one device sync
-        return {name: sums[i] / counts[i] for i, name in enumerate(SOURCES) if present[i] > 0}
+        sums, counts = grouped_token_nll(logits, targets, source, len(SOURCES))  # (S,), (S,)
+        return torch.stack([sums.float(), counts.float()])  # (2, S)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """The SFT step, plus ``train/loss_model``, ``train/loss_paraphrase``, ``train/loss_gold`` diagnostics."""
-        self._source_nll = {}
+        """The SFT step, plus ``train/loss_model``, ``train/loss_paraphrase``, ``train/loss_gold`` diagnostics.
+
+        Each is the token-mean NLL of that source over the micro-batch of *all* data-parallel ranks (sums and counts
+        summed over ranks, one collective), NaN when no rank has an example of that source.
+        """
+        self._source_nll = None
         loss = super().training_step(batch, batch_idx)
+        stats = self._source_nll
+        if stats is None:
+            return loss
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")  # (2, S)
+        sums, counts = stats[0], stats[1]  # (S,), (S,)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), torch.full_like(sums, float("nan")))  # (S,)
         size = int(batch["input_ids"].shape[0])
-        for name, value in self._source_nll.items():
-            self.log(f"train/loss_{name}", value, batch_size=size)
+        for name in self._logged_sources:
+            self.log(f"train/loss_{name}", means[SOURCES.index(name)], batch_size=size)
         return loss
 
 
