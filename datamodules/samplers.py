@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -46,29 +46,105 @@ class EpochShuffleSampler(RandomSampler):
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
 
 
-class ResumableDataLoader(StatefulDataLoader):
-    """A ``StatefulDataLoader`` that restores mid-epoch positions, and starts the next epoch after a *finished* one.
+class EpochSequentialSampler(SequentialSampler):
+    """File order, with the ``epoch`` that :class:`ResumableDataLoader` needs to tell how Lightning resumes a run.
 
-    A checkpoint taken at the last batch of an epoch stores "all N batches yielded". Lightning (2.6) resumes such a run
-    in the next epoch as a mid-epoch restart: it neither rebuilds the loader nor calls ``set_epoch`` for that epoch, and
-    the loader was built with the checkpoint's (finished) epoch. Restoring the stored position as is would then replay
-    the finished epoch's order from its end, i.e. train on the wrong permutation. Here a finished state is dropped and
-    the sampler is moved on to the next epoch, which is what an uninterrupted run does. Found by a kill-and-resume test
-    that crashed right after an epoch boundary.
+    Example:
+        >>> list(EpochSequentialSampler(range(3), epoch=2)), EpochSequentialSampler(range(3), epoch=2).epoch
+        ([0, 1, 2], 2)
     """
 
+    def __init__(self, data_source: Sized, epoch: int = 0) -> None:
+        super().__init__(data_source)
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the epoch (the order does not depend on it)."""
+        self.epoch = epoch
+
+
+class ResumableDataLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` whose resumed run sees the uninterrupted run's batches, whatever epoch it resumes in.
+
+    The saved state also holds the sampler epoch the position belongs to (``"ftmods_epoch"``) and how far Lightning's
+    epoch ran ahead of it (``"ftmods_epoch_shift"``, see the third case). On a restore, the sampler was built with
+    Lightning's resumed epoch (``trainer.current_epoch``) and there are three cases:
+
+    * same epoch (up to the saved shift), unfinished position: an ordinary mid-epoch resume; the rest of that epoch
+      is yielded.
+    * same epoch, finished position (a checkpoint taken at the last batch of an epoch, which stores "all N batches
+      yielded"): Lightning (2.6) resumes in the next epoch as a mid-epoch restart, without rebuilding the loader, so
+      the stored position is dropped and the sampler moves on to the next epoch (restoring it as is replayed the
+      finished epoch's order from its end). Found by a kill-and-resume test that crashed right after an epoch boundary.
+    * Lightning's epoch is *ahead* of the stored one: the run stopped at ``max_steps`` and the checkpoint was written
+      after Lightning closed the (possibly unfinished) epoch (``ModelCheckpoint.on_train_end`` / ``on_train_epoch_end``
+      write ``last.ckpt`` after the fit loop ran its epoch-end bookkeeping). Lightning then resumes epoch ``e + 1``
+      with its batch counter still at the stored position, i.e. it expects exactly the stopped epoch's remaining
+      batches before its next epoch. So the rest of the stored epoch is yielded there (nothing if it was finished),
+      and every later epoch Lightning sets is shifted back by the difference, so the data epochs follow on as in an
+      uninterrupted run. Without this, ``--trainer.max_steps M --ckpt_path last.ckpt`` after a run to ``max_steps N``
+      skipped the rest of epoch ``e`` and the first batches of ``e + 1`` (or, stopped at an epoch end, trained epoch
+      ``e + 2`` in place of ``e + 1``).
+    """
+
+    _EPOCH_KEY, _SHIFT_KEY = "ftmods_epoch", "ftmods_epoch_shift"
+    # the data epoch of the current pass (None before any), and how far Lightning's epochs run ahead of the data's;
+    # class defaults, so that Lightning's re-instantiation of the loader (its saved __init__ arguments) is unaffected
+    _data_epoch: int | None = None
+    _epoch_shift: int = 0
+
+    def _epoch_sampler(self) -> Any:
+        """The sampler Lightning calls ``set_epoch`` on (and that has an ``epoch``), or None."""
+        for sampler in (getattr(self.batch_sampler, "sampler", None), self.sampler):
+            if sampler is not None and hasattr(sampler, "set_epoch") and hasattr(sampler, "epoch"):
+                return sampler
+        return None
+
+    def __iter__(self) -> Any:
+        """Start (or continue, after a restore) a pass, in the data epoch of the epoch Lightning has set."""
+        sampler = self._epoch_sampler()
+        if sampler is not None:
+            if self._epoch_shift and sampler.epoch != self._data_epoch:  # Lightning set a new epoch: shift it
+                sampler.set_epoch(sampler.epoch - self._epoch_shift)
+            self._data_epoch = sampler.epoch
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, with the data epoch it belongs to."""
+        fresh = self._iterator is None  # super() then describes a fresh pass of the sampler's current epoch
+        state = super().state_dict()
+        sampler = self._epoch_sampler()
+        if sampler is None:
+            return state
+        epoch = sampler.epoch if fresh or self._data_epoch is None else self._data_epoch
+        return {**state, self._EPOCH_KEY: epoch, self._SHIFT_KEY: self._epoch_shift}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a mid-epoch position; after a finished epoch, start the next one from its first batch."""
+        """Restore the position in its own epoch; see the class docstring for the finished and max_steps cases."""
+        state = dict(state_dict)
+        stored, shift = state.pop(self._EPOCH_KEY, None), int(state.pop(self._SHIFT_KEY, 0))
         try:
-            finished = state_dict.get("_num_yielded", 0) >= len(self)
+            finished = state.get("_num_yielded", 0) >= len(self)
         except TypeError:  # an iterable dataset without a length
             finished = False
-        if not finished:
-            super().load_state_dict(state_dict)
+        sampler = self._epoch_sampler()
+        if sampler is None:
+            if not finished:
+                super().load_state_dict(state)
             return
-        sampler = getattr(self.batch_sampler, "sampler", None) or self.sampler
-        if hasattr(sampler, "set_epoch") and hasattr(sampler, "epoch"):
-            sampler.set_epoch(sampler.epoch + 1)
+        current = sampler.epoch  # Lightning's resumed epoch: the ftmods samplers are built with trainer.current_epoch
+        stored = current - shift if stored is None else int(stored)
+        self._epoch_shift = shift
+        if current > stored + shift:  # Lightning closed the stored epoch at a max_steps stop: finish it, then shift
+            sampler.set_epoch(stored)
+            super().load_state_dict(state)  # a finished position yields nothing, as Lightning expects
+            self._epoch_shift = current - stored
+        elif finished:
+            sampler.set_epoch(stored + 1)
+        else:
+            sampler.set_epoch(stored)
+            super().load_state_dict(state)
+        self._data_epoch = sampler.epoch  # the restored pass: not a new epoch to shift
 
 
 def resumable_loader(dataset: Any, **kwargs: Any) -> ResumableDataLoader:
@@ -93,7 +169,9 @@ def epoch_loader(
     :class:`ResumableDataLoader`).
     """
     epoch = trainer.current_epoch if trainer is not None else 0
-    sampler = EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if shuffle else None
+    sampler = (
+        EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if shuffle else EpochSequentialSampler(dataset, epoch)
+    )
     return resumable_loader(
         dataset,
         batch_size=batch_size,
