@@ -65,9 +65,14 @@ def _check_freezing(cli: FtmodsCLI) -> None:
     assert changed <= probe.trainable
 
 
+SLOW = pytest.mark.slow  # generation inside grafting's loss (GRPO rollouts) / a predict first: ~20-40 s each
+
+
 @pytest.mark.parametrize(
-    "config", ["sft/tiny", "cls_rl/tiny", "pso/tiny_online", "many_icl/tiny", "s3ft/tiny", "locft/tiny"]
-)
+    "config",
+    ["sft/tiny", pytest.param("cls_rl/tiny", marks=SLOW), "pso/tiny_online", "many_icl/tiny",
+     pytest.param("s3ft/tiny", marks=SLOW), "locft/tiny"],
+)  # fmt: skip
 def test_hft_ema_and_grafting(config, in_sandbox):
     snippets = ["-c", "configs/callbacks/hft.yaml", *HFT.get(config, []), "-c", "configs/callbacks/ema.yaml",
                 "-c", "configs/callbacks/grafting.yaml", *GRAFT]  # fmt: skip

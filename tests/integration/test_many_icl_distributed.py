@@ -134,6 +134,7 @@ def test_episodes_shard_over_ranks_without_repeats_or_drops():
     assert [single.episodes.plan(1, i) for i in range(7)] == [dm.episodes.plan(1, i) for i in range(7)]
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_with_the_global_batch(ddp_run, single_run):
     """Ranks end identical; per step the logged loss (and each shot bucket's) is the global one, equal to a single
     process's on the same 8 episodes; the final weights agree; evaluation counts each query once."""

@@ -23,6 +23,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_two_node_torchrun_launch(in_sandbox):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1",

@@ -91,6 +91,7 @@ def test_ddp_ranks_agree_and_match_one_process_with_the_same_global_batch(ddp_ru
         torch.testing.assert_close(ddp_w[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_fsdp2_predict_generates_with_sharded_parameters(selection, tmp_path):
     """One item per batch over 7 items: rank 1 gets items 1, 3, 5 and item 0 again (the sampler evens the ranks out
     rather than giving rank 0 a fourth batch alone), and in most batches one rank has no rejected answer yet must join
@@ -109,6 +110,7 @@ def test_fsdp2_predict_generates_with_sharded_parameters(selection, tmp_path):
     assert not list(run.glob("*.part"))
 
 
+@pytest.mark.slow
 def test_fsdp2_fit_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, selection, tmp_path):
     """FSDP2 ends at the DDP weights (same split, same normalisation); the mid-epoch checkpoint (a folder of shards)
     resumes with --ckpt_path and finishes at the uninterrupted run's weights, with the same losses on the way."""
