@@ -10,6 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ftmods.models.sharding import is_sharded
+
 
 class PretrainedExport(Callback):
     """Export the fine-tuned model with ``save_pretrained`` at the end of fit (and every N epochs if asked).
@@ -86,9 +88,7 @@ def full_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
     """A gathered CPU state dict when ``model`` has sharded (DTensor) parameters, else ``None`` (use live weights)."""
     if not isinstance(model, torch.nn.Module):
         return None
-    from torch.distributed.tensor import DTensor
-
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -54,6 +54,7 @@ from ftmods.many_icl.loss import (
 from ftmods.many_icl.metrics import score_answer, truncate_at
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
+from ftmods.models.sharding import is_sharded
 from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids
 from ftmods.reporting import log_table
 from ftmods.sft.loss import grouped_token_nll
@@ -229,10 +230,6 @@ class ManyICLModule(SFTModule):
         if keys and (self.scores is None or tuple(self.scores.keys) != tuple(keys)):
             self.scores = ProtocolScores(keys)  # another DataModule (other tasks): new keys
 
-    def _sharded(self) -> bool:
-        """Whether the parameters are DTensor shards (FSDP2): every forward is then a collective of all ranks."""
-        return any(type(p).__name__ == "DTensor" for p in self.model.parameters())
-
     def _share(self, queries: list[Any]) -> tuple[list[Any], list[Any]]:
         """``(queries this rank runs, queries it counts)``: each query is counted by exactly one rank.
 
@@ -243,7 +240,7 @@ class ManyICLModule(SFTModule):
         """
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = queries[rank::world]
-        return (queries if world > 1 and self._sharded() else mine), mine
+        return (queries if world > 1 and is_sharded(self.model) else mine), mine
 
     def _score_queries(self, queries: list[Any], counted: list[Any] | None = None) -> dict[str, Tensor]:
         """Per-query scores grouped as ``{"<task>/<metric>": (n,)}`` of the ``counted`` queries (default: all).
@@ -329,7 +326,7 @@ class ManyICLModule(SFTModule):
         size, budget = self.hparams["eval_micro_batch_size"], self.hparams["eval_max_new_tokens"]
         stops = [stop] if stop else None
         # FSDP2: a rank whose sequences stopped early keeps joining the other ranks' forwards (they are collectives)
-        extra = {"synced_gpus": True} if self.trainer.world_size > 1 and self._sharded() else {}
+        extra = {"synced_gpus": True} if self.trainer.world_size > 1 and is_sharded(self.model) else {}
         for start in range(0, len(prompts), size):
             chunk = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts[start : start + size]]
             out += generate_texts(self.model, self.tokenizer, chunk, max_new_tokens=budget, stop_strings=stops, **extra)

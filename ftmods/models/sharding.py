@@ -26,6 +26,18 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor shard (FSDP2): every forward is then a collective of all ranks.
+
+    Example:
+        >>> is_sharded(nn.Linear(2, 2))
+        False
+    """
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def fully_shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = True, **fsdp_kwargs: Any) -> int:
     """Shard every transformer block as its own FSDP2 unit, then the root (embeddings, head, norms).
 

@@ -47,7 +47,7 @@ from torchmetrics import MeanMetric
 
 from ftmods.models.adapters import adapters_disabled
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
-from ftmods.models.sharding import transformer_layer_classes
+from ftmods.models.sharding import is_sharded, transformer_layer_classes
 from ftmods.models.tiny import resolve_pretrained
 from ftmods.optim import build_optimizers
 from ftmods.pso.loss import (
@@ -757,7 +757,7 @@ class PSOModule(LightningModule):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if state_dict is None and _is_sharded(self.unet):
+        if state_dict is None and is_sharded(self.unet):
             raise ValueError("the UNet is sharded (FSDP2): pass its gathered state_dict (PretrainedExport does)")
         if self.lora is not None:
             from diffusers.utils import convert_state_dict_to_diffusers
@@ -808,12 +808,6 @@ def shard_unet(unet: nn.Module, mesh: Any) -> int:
         fully_shard(block, mesh=mesh)
     fully_shard(unet, mesh=mesh)
     return len(blocks)
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _plain_class(model: nn.Module) -> type[Any]:
@@ -867,7 +861,7 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
     steps = module.hparams["num_inference_steps"]
     busiest = math.ceil(len(everything) / trainer.world_size)  # rank 0's share
     # A sharded UNet's calls are collective: every rank makes as many as the busiest one.
-    calls = math.ceil((busiest if _is_sharded(module.unet) else len(requests)) / batch_size)
+    calls = math.ceil((busiest if is_sharded(module.unet) else len(requests)) / batch_size)
     with module.reference_unet() as unet:
         original = pipe.unet
         pipe.unet = unet

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
-from ftmods.models.sharding import gather_root
+from ftmods.models.sharding import gather_root, is_sharded
 from ftmods.ops.tokens import segment_ids_from_position_ids
 from ftmods.s3ft.judges import BaseJudge, Verdict, make_judge
 from ftmods.s3ft.prompts import BANNED_PHRASES, PARAPHRASE_PROMPTS, PREDICT_PROMPTS, banned_phrase, render
@@ -179,14 +179,10 @@ class S3FTModule(SFTModule):
                 self.model.reshard()
         return [t.strip() for t in texts]
 
-    def _sharded(self) -> bool:
-        """Whether the model's parameters are FSDP2 shards (every rank must then run every forward in lock step)."""
-        return any(type(p).__name__ == "DTensor" for p in self.model.parameters())
-
     def _any_rank(self, flag: bool) -> bool:
         """``flag`` on any rank (one collective; only when the model is sharded, where generation is collective)."""
         trainer = self._trainer
-        if trainer is None or trainer.world_size == 1 or not self._sharded():
+        if trainer is None or trainer.world_size == 1 or not is_sharded(self.model):
             return flag
         value = torch.tensor(float(flag), device=self.device)
         return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)
