@@ -93,6 +93,11 @@ class ResumableDataLoader(StatefulDataLoader):
     _data_epoch: int | None = None
     _epoch_shift: int = 0
 
+    @property
+    def data_epoch(self) -> int | None:
+        """The sampler epoch of the pass being yielded (None before the first): Lightning's epoch minus the shift."""
+        return self._data_epoch
+
     def _epoch_sampler(self) -> Any:
         """The sampler Lightning calls ``set_epoch`` on (and that has an ``epoch``), or None."""
         for sampler in (getattr(self.batch_sampler, "sampler", None), self.sampler):
@@ -145,6 +150,21 @@ class ResumableDataLoader(StatefulDataLoader):
             sampler.set_epoch(stored)
             super().load_state_dict(state)
         self._data_epoch = sampler.epoch  # the restored pass: not a new epoch to shift
+
+
+def data_epoch(module: Any) -> int:
+    """The epoch of the training data a LightningModule is on, for randomness keyed by epoch (rollouts, noise).
+
+    Lightning's ``current_epoch``, except after extending a run that stopped at ``max_steps``: Lightning has then
+    closed the stopped epoch and counts one ahead while the :class:`ResumableDataLoader` still yields the rest of it.
+    Keyed on this, the extended run draws what an uninterrupted run draws. 0 for a module without a trainer.
+    """
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return 0
+    loader = getattr(trainer, "train_dataloader", None)
+    epoch = loader.data_epoch if isinstance(loader, ResumableDataLoader) else None
+    return int(trainer.current_epoch if epoch is None else epoch)
 
 
 def resumable_loader(dataset: Any, **kwargs: Any) -> ResumableDataLoader:

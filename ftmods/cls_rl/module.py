@@ -8,8 +8,11 @@ Implemented (spec cls_rl §1.4, §1.6, §3, §8):
   the model's processor (left padding), and ``G = num_generations`` completions per prompt come from *one* batched
   ``generate`` call with the KV cache (``num_return_sequences=G``, sampling at ``temperature``, no top-k / top-p by
   default). The generation config is built here, never taken from the checkpoint: Qwen2-VL-Instruct ships a near-greedy
-  one that would remove all exploration. Sampling is seeded per ``(seed, epoch, batch, rank)``, so a resumed run
-  draws exactly the completions an uninterrupted one draws.
+  one that would remove all exploration. ``rollout_sampling: keyed`` (default) draws each completion from its own
+  random stream keyed by ``(seed, epoch, item id, sample index)`` (:mod:`ftmods.ops.sampling`), so a prompt gets the
+  same completions on any number of ranks and in any batch: 2 ranks x 1 prompt train exactly like 1 rank x 2 prompts
+  (tested), and a resumed run draws what an uninterrupted one draws. ``torch`` uses ``generate``'s own sampler, seeded
+  per ``(seed, epoch, batch, rank)``.
 - Completion masks up to and including the first eos (optionally dropping truncated completions), rewards by name
   (CLS-RL: ``accuracy`` + ``format``; No-Thinking: ``equality``; or any ``module.function``), group-normalised
   advantages, and log-probabilities of the policy and the reference in *one* forward pass each over prompt +
@@ -51,9 +54,17 @@ from torchmetrics import MeanMetric
 
 from ftmods.cls_rl.rewards import REWARDS, RewardFn, accuracy_reward, equality_reward, lenient_match
 from ftmods.datamodules.fewshot_images import encode_prompts
+from ftmods.datamodules.samplers import data_epoch
 from ftmods.models.adapters import adapters_disabled
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_processor, load_vlm, spec_to_hparam
-from ftmods.models.sharding import fully_shard_model, gather_root, vision_tower
+from ftmods.models.sharding import (
+    drop_frozen_state,
+    fill_frozen_state,
+    fully_shard_model,
+    gather_root,
+    keep_frozen_parts_out_of_checkpoints,
+    vision_tower,
+)
 from ftmods.ops.grpo import (
     AdvantageScale,
     GRPOLossOutput,
@@ -65,6 +76,7 @@ from ftmods.ops.grpo import (
     group_reward_std,
     grpo_loss,
 )
+from ftmods.ops.sampling import KeyedSampler, row_keys
 from ftmods.optim import build_optimizers
 from ftmods.reporting import log_table
 
@@ -182,6 +194,9 @@ class CLSRLModule(LightningModule):
         log_completions: Rows of the sample-completion table (0 = none).
         log_completions_every_n_steps: Log the table every N optimizer steps (and at step 0).
         seed: Seed of the rollout sampling.
+        rollout_sampling: ``keyed`` (each completion from a stream keyed by seed, epoch, item id and sample index:
+            independent of the rank, world size and batch) or ``torch`` (``generate``'s sampler, one seed per
+            micro-batch and rank).
         optimizer: Optimizer factory; default AdamW(lr=1e-6, weight_decay=0) as the paper.
         lr_scheduler: Scheduler factory.
         lr_scheduler_interval: ``step`` or ``epoch``.
@@ -224,12 +239,15 @@ class CLSRLModule(LightningModule):
         log_completions: int = 8,
         log_completions_every_n_steps: int = 50,
         seed: int = 0,
+        rollout_sampling: Literal["keyed", "torch"] = "keyed",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
         _check_arguments(num_generations, temperature, max_completion_length, num_iterations, beta, loss_type)
+        if rollout_sampling not in ("keyed", "torch"):
+            raise ValueError(f"rollout_sampling must be 'keyed' or 'torch', got {rollout_sampling!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.hparams["load"], self.hparams["lora"] = spec_to_hparam(load), spec_to_hparam(lora)
         self.load_options = coerce_spec(LoadOptions, load) or LoadOptions()
@@ -293,6 +311,8 @@ class CLSRLModule(LightningModule):
             fully_shard_model(self.model, self._device_mesh["data_parallel"])
             if self.ref_model is not None:
                 fully_shard_model(self.ref_model, self._device_mesh["data_parallel"])
+                # the strategy saves and loads get_model_state_dict(self) itself: on_save_checkpoint never reaches it
+                keep_frozen_parts_out_of_checkpoints(self, _reference_part)
 
     def setup(self, stage: str) -> None:
         """Check the DataModule's mode, and pick the strategy-dependent settings."""
@@ -363,8 +383,25 @@ class CLSRLModule(LightningModule):
         )
 
     @torch.no_grad()
-    def generate(self, inputs: Mapping[str, Tensor], *, sample: bool, seed: int | None = None) -> Tensor:
-        """Completion ids ``(B * G, T)`` (sampled) or ``(B, T)`` (greedy); the model is in eval mode meanwhile."""
+    def generate(
+        self, inputs: Mapping[str, Tensor], *, sample: bool, seed: int | None = None, keys: Tensor | None = None
+    ) -> Tensor:
+        """Completion ids ``(B * G, T)`` (sampled) or ``(B, T)`` (greedy); the model is in eval mode meanwhile.
+
+        Sampling draws from ``generate``'s sampler under ``seed``, or, given ``keys`` (``(B * G,)``, from
+        :func:`ftmods.ops.sampling.row_keys`), each row from its own keyed stream: the
+        :class:`~ftmods.ops.sampling.KeyedSampler` returns one-hot scores, so ``generate``'s draw can only take the
+        keyed token. ``generate`` still expands the prompts itself (``num_return_sequences=G``), which encodes each
+        image once rather than G times; the price is a redundant softmax + multinomial per token
+        (``benchmarks/keyed_sampling.py``).
+        """
+        config, processors = self.generation_config(sample=sample), []
+        if keys is not None:
+            hp = self.hparams
+            width = inputs["input_ids"].shape[1]
+            sampler = KeyedSampler(keys, width, temperature=hp["temperature"], top_k=hp["top_k"], top_p=hp["top_p"])
+            processors = [sampler]
+            config.update(temperature=1.0, top_k=0, top_p=1.0)  # applied by the KeyedSampler instead
         model, was_training = self.model, self.model.training
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
@@ -374,7 +411,7 @@ class CLSRLModule(LightningModule):
                 if seed is not None:
                     torch.manual_seed(seed)
                 out = model.generate(
-                    **inputs, generation_config=self.generation_config(sample=sample), synced_gpus=self._synced_gpus
+                    **inputs, generation_config=config, logits_processor=processors, synced_gpus=self._synced_gpus
                 )  # (N, P + T)
         finally:
             model.train(was_training)
@@ -455,7 +492,10 @@ class CLSRLModule(LightningModule):
         hp, group = self.hparams, self.num_generations
         inputs = self.encode(batch)
         start = time.perf_counter()
-        completion_ids = self.generate(inputs, sample=True, seed=seed)  # (N, T)
+        keys = None
+        if hp["rollout_sampling"] == "keyed":
+            keys = row_keys(hp["seed"], data_epoch(self), batch["ids"], group, device=self.device)  # (N,)
+        completion_ids = self.generate(inputs, sample=True, seed=seed, keys=keys)  # (N, T)
         generated = time.perf_counter()
         mask = completion_mask(
             completion_ids, self.processor.tokenizer.eos_token_id, mask_truncated=hp["mask_truncated_completions"]
@@ -507,7 +547,7 @@ class CLSRLModule(LightningModule):
 
     def rollout_seed(self, batch_idx: int) -> int:
         """The sampling seed of a micro-batch: a function of ``(seed, epoch, batch_idx, rank)`` only."""
-        key = ((self.hparams["seed"] * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx) * 4099
+        key = ((self.hparams["seed"] * 1_000_003 + data_epoch(self)) * 1_000_003 + batch_idx) * 4099
         return (key + self.global_rank) % (2**63 - 1)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -568,10 +608,17 @@ class CLSRLModule(LightningModule):
         }
         if self.hparams["num_iterations"] > 1:
             values["clip_fraction"] = out.clip_fraction.float()
-        names = list(values)
-        stacked = torch.stack([torch.as_tensor(values[n], device=self.device).float() for n in names])
-        if self.trainer.world_size > 1:  # one collective for all of them
-            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        # token means (kl, clip_fraction; the loss of dapo) are weighted by each rank's token count, the rest are
+        # means over the same number of completions on every rank: one all-reduce of sums for all of them
+        per_token = {"kl", "clip_fraction"} | ({"loss"} if self._sum_then_rescale else set())
+        names, tokens, world = list(values), out.num_tokens.float().to(self.device), self.trainer.world_size
+        weights = {n: tokens if n in per_token else torch.ones((), device=self.device) / world for n in names}
+        stacked = torch.stack([torch.as_tensor(values[n], device=self.device).float() * weights[n] for n in names])
+        stacked = torch.cat([stacked, tokens.reshape(1)])
+        if world > 1:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        total = stacked[-1].clamp(min=1)
+        stacked = torch.stack([v / total if n in per_token else v for n, v in zip(names, stacked[:-1], strict=True)])
         size = len(rollout.ids)
         for name, value in zip(names, stacked, strict=True):
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "reward"), batch_size=size)
@@ -693,18 +740,14 @@ class CLSRLModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen reference out (it is the pretrained model); keep the rollouts that mu > 1 still reuses."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
-            del state[key]
+        drop_frozen_state(checkpoint.get("state_dict", {}), [REFERENCE_PREFIX])
         if self._rollouts:
             checkpoint["cls_rl_rollouts"] = {slot: r.to_state() for slot, r in self._rollouts.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the reference (rebuilt from ``pretrained`` in ``configure_model``) back, and the reused rollouts."""
-        state = checkpoint.get("state_dict")
-        if state is not None and self.ref_model is not None:
-            for key, value in self.ref_model.state_dict().items():
-                state.setdefault(REFERENCE_PREFIX + key, value)
+        if "state_dict" in checkpoint:
+            fill_frozen_state(checkpoint["state_dict"], _reference_part(self))
         saved = checkpoint.get("cls_rl_rollouts") or {}
         self._rollouts = {int(slot): Rollout.from_state(r, self.device) for slot, r in saved.items()}
 
@@ -722,6 +765,11 @@ class CLSRLModule(LightningModule):
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _reference_part(module: nn.Module) -> list[tuple[str, Any]]:
+    """The frozen reference copy: rebuilt from ``pretrained`` in ``configure_model``, never in checkpoints."""
+    return [(REFERENCE_PREFIX, getattr(module, "ref_model", None))]
 
 
 def harmonic_mean(base: Tensor | float, new: Tensor | float) -> Tensor:

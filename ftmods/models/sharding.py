@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -80,3 +82,54 @@ def gather_root(model: nn.Module) -> bool:
     fsdp._get_fsdp_state()._lazy_init()  # private in torch 2.x; idempotent
     fsdp.unshard()
     return True
+
+
+FrozenParts = Callable[[nn.Module], Iterable[tuple[str, "nn.Module | None"]]]
+"""``module -> [(state-dict prefix, part or None), ...]``: the parts that never train and are rebuilt on load."""
+
+
+def drop_frozen_state(state_dict: dict[str, Any], prefixes: Iterable[str]) -> None:
+    """Delete the keys under ``prefixes`` from ``state_dict`` (frozen parts left out of a checkpoint), in place.
+
+    Example:
+        >>> state = {"model.w": 1, "ref_model.w": 2}
+        >>> drop_frozen_state(state, ["ref_model."]); state
+        {'model.w': 1}
+    """
+    frozen = tuple(prefixes)
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]
+
+
+def fill_frozen_state(state_dict: dict[str, Any], parts: Iterable[tuple[str, nn.Module | None]]) -> None:
+    """Put the live frozen parts' tensors back under their prefixes where ``state_dict`` lacks them, in place.
+
+    Example:
+        >>> state = {"model.weight": 0}
+        >>> fill_frozen_state(state, [("ref.", nn.Linear(1, 1, bias=False)), ("gone.", None)]); sorted(state)
+        ['model.weight', 'ref.weight']
+    """
+    for prefix, part in parts:
+        if part is not None:
+            for key, value in part.state_dict().items():
+                state_dict.setdefault(prefix + key, value)
+
+
+def _drop_hook(parts: FrozenParts, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    drop_frozen_state(state_dict, [prefix + p for p, part in parts(module) if part is not None])
+
+
+def _fill_hook(parts: FrozenParts, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    fill_frozen_state(state_dict, [(prefix + p, part) for p, part in parts(module)])
+
+
+def keep_frozen_parts_out_of_checkpoints(module: nn.Module, parts: FrozenParts) -> None:
+    """Leave ``parts(module)`` out of ``module.state_dict()`` and restore them from the live parts on load.
+
+    For FSDP2: ``ModelParallelStrategy`` saves and loads ``get_model_state_dict(module)`` itself, so a
+    ``LightningModule.on_save_checkpoint`` / ``on_load_checkpoint`` filter never reaches its loader (which then asks
+    the checkpoint for the missing frozen keys). State-dict hooks do: frozen references, VAEs and text encoders are
+    rebuilt from ``pretrained`` in ``configure_model`` and never written.
+    """
+    module.register_state_dict_post_hook(functools.partial(_drop_hook, parts))
+    module.register_load_state_dict_pre_hook(functools.partial(_fill_hook, parts))

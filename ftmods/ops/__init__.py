@@ -19,6 +19,7 @@ from ftmods.ops.params import (
     select_by_patterns,
     selection_hash,
 )
+from ftmods.ops.sampling import KeyedSampler, inverse_cdf_sample, keyed_uniform, row_keys
 from ftmods.ops.tokens import (
     masked_mean,
     next_token_targets,
@@ -30,6 +31,7 @@ from ftmods.ops.tokens import (
 __all__ = [
     "REDUCTIONS",
     "GRPOLossOutput",
+    "KeyedSampler",
     "completion_logprobs",
     "completion_mask",
     "expand_pixels_per_image",
@@ -37,12 +39,15 @@ __all__ = [
     "group_advantages",
     "group_reward_std",
     "grpo_loss",
+    "inverse_cdf_sample",
+    "keyed_uniform",
     "k3_kl",
     "masked_mean",
     "match_names",
     "match_parameters",
     "next_token_targets",
     "proportional_layer",
+    "row_keys",
     "segment_ids_from_position_ids",
     "select_by_patterns",
     "selection_hash",

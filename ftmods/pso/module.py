@@ -45,9 +45,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ftmods.datamodules.samplers import data_epoch
 from ftmods.models.adapters import adapters_disabled
 from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffusion_parts, spec_to_hparam
-from ftmods.models.sharding import is_sharded, transformer_layer_classes
+from ftmods.models.sharding import (
+    drop_frozen_state,
+    fill_frozen_state,
+    is_sharded,
+    keep_frozen_parts_out_of_checkpoints,
+    transformer_layer_classes,
+)
 from ftmods.models.tiny import resolve_pretrained
 from ftmods.optim import build_optimizers
 from ftmods.pso.loss import (
@@ -212,10 +219,8 @@ class PSOModule(LightningModule):
             for unet in (self.unet, self.ref_unet):
                 if unet is not None:
                     shard_unet(unet, mesh)
-            # The strategy saves and loads get_model_state_dict(self) itself (on_save_checkpoint's filtering never
-            # reaches its loader): the frozen parts leave the state dict here and come back from the live modules.
-            self.register_state_dict_post_hook(_drop_frozen_state)
-            self.register_load_state_dict_pre_hook(_fill_frozen_state)
+            # the strategy saves and loads get_model_state_dict(self) itself: on_save_checkpoint never reaches it
+            keep_frozen_parts_out_of_checkpoints(self, _frozen_parts)
 
     @property
     def model(self) -> Any:
@@ -325,8 +330,8 @@ class PSOModule(LightningModule):
         """
         ids = batch.get("ids")
         if ids is None:
-            return self._generator(self.current_epoch, batch_idx, self.global_rank)
-        return [self._generator(self.current_epoch, "item", str(key)) for key in ids]
+            return self._generator(data_epoch(self), batch_idx, self.global_rank)
+        return [self._generator(data_epoch(self), "item", str(key)) for key in ids]
 
     def _draw(self, shape: Sequence[int], generator: Generators, high: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Indices ``(B,)`` below ``high`` and noise of ``shape`` ``(B, C, h, w)``.
@@ -482,7 +487,7 @@ class PSOModule(LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         """Offline: one pair batch, automatic optimization. Online: rollouts, ranking, per-transition updates."""
         if self.hparams["mode"] == "online":
-            self._online_step(batch, batch_idx, self._generator(self.current_epoch, batch_idx, self.global_rank))
+            self._online_step(batch, batch_idx, self._generator(data_epoch(self), batch_idx, self.global_rank))
             return None
         generator = self._offline_generators(batch, batch_idx)
         if self.hparams["loss"] == "mse":
@@ -667,7 +672,7 @@ class PSOModule(LightningModule):
             if self.hparams["loss"] == "mse":
                 return self.mse_loss(batch, generator)[0]
             return self.offline_loss(self.pair_errors(batch, generator))[0]
-        rollout = self.rollout(batch["captions"], self._generator(self.current_epoch, 0, self.global_rank))
+        rollout = self.rollout(batch["captions"], self._generator(data_epoch(self), 0, self.global_rank))
         assert self.reward is not None
         signs = self.preferences(self.score_images(rollout["images"], rollout["prompts"]))  # (B, 2)
         cond = self.encode_prompts(rollout["prompts"])
@@ -729,19 +734,12 @@ class PSOModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave out the frozen parts: the reference copy (the pretrained UNet), VAE, text encoders, reward model."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
+        drop_frozen_state(checkpoint.get("state_dict", {}), FROZEN_PREFIXES)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the frozen parts (rebuilt from ``pretrained`` in ``configure_model``) back before loading."""
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        for prefix, module in self._frozen_parts():
-            if module is not None:
-                for key, value in module.state_dict().items():
-                    state.setdefault(prefix + key, value)
+        if "state_dict" in checkpoint:
+            fill_frozen_state(checkpoint["state_dict"], self._frozen_parts())
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Export in diffusers format.
@@ -817,20 +815,9 @@ def _plain_class(model: nn.Module) -> type[Any]:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def _drop_frozen_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict post-hook (FSDP2): leave out the frozen parts (:data:`FROZEN_PREFIXES`)."""
-    frozen = tuple(prefix + p for p in FROZEN_PREFIXES)
-    for key in [k for k in state_dict if k.startswith(frozen)]:
-        del state_dict[key]
-
-
-def _fill_frozen_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load pre-hook (FSDP2): put the live frozen parts back into a state dict without them (a checkpoint's)."""
+def _frozen_parts(module: nn.Module) -> list[tuple[str, Any]]:
     assert isinstance(module, PSOModule)
-    for part_prefix, part in module._frozen_parts():
-        if part is not None:
-            for key, value in part.state_dict().items():
-                state_dict.setdefault(prefix + part_prefix + key, value)
+    return module._frozen_parts()
 
 
 def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> int:

@@ -106,9 +106,15 @@ def test_rollout_groups_rewards_and_advantages():
     assert rollout.ref_logp is not None
     assert rollout.old_logp is None  # mu = 1
     assert all(t >= 0 for t in rollout.timings.values())
-    again = module.rollout(batch, seed=3)
-    assert torch.equal(again.completion_ids, rollout.completion_ids)  # sampling is a function of the seed
-    assert not torch.equal(module.rollout(batch, seed=4).completion_ids, rollout.completion_ids)
+    # keyed (default): a function of (hparams seed, epoch, item ids), whatever the torch seed
+    assert torch.equal(module.rollout(batch, seed=4).completion_ids, rollout.completion_ids)
+    module.hparams["seed"] = 1
+    assert not torch.equal(module.rollout(batch, seed=3).completion_ids, rollout.completion_ids)
+    # torch: generate's sampler, a function of the per-micro-batch seed
+    module.hparams["rollout_sampling"] = "torch"
+    seeded = module.rollout(batch, seed=3).completion_ids
+    assert torch.equal(module.rollout(batch, seed=3).completion_ids, seeded)
+    assert not torch.equal(module.rollout(batch, seed=4).completion_ids, seeded)
 
 
 def test_never_samples_image_placeholder_tokens():
@@ -272,11 +278,15 @@ def test_checkpoint_leaves_out_the_reference_and_loads_with_weights_only(tmp_pat
         assert torch.equal(p, dict(fresh.ref_model.named_parameters())[name]), name
 
 
-def _fit(folder: Path, mu: int, kill_at: int | None = None, ckpt: str | None = None) -> CLSRLModule:
+def _fit(
+    folder: Path, mu: int, kill_at: int | None = None, ckpt: str | None = None, max_steps: int = 6, every: int = 1
+) -> CLSRLModule:
     module = _module(rewards=["support.rewards.length_parity", "accuracy"], num_iterations=mu)
-    checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
+    checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=every, save_last=True, save_top_k=0)
     callbacks = [checkpoint] + ([KillAt(kill_at)] if kill_at else [])
-    trainer = _trainer(folder, max_steps=6, enable_checkpointing=True, callbacks=callbacks, accumulate_grad_batches=2)
+    trainer = _trainer(
+        folder, max_steps=max_steps, enable_checkpointing=True, callbacks=callbacks, accumulate_grad_batches=2
+    )
     trainer.fit(module, datamodule=_data(num_iterations=mu), ckpt_path=ckpt)
     return module
 
@@ -291,6 +301,19 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, mu):
         _fit(tmp_path / "b", mu, kill_at=4)
     resumed = _fit(tmp_path / "b", mu, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_extending_a_finished_run_draws_the_uninterrupted_rollouts(tmp_path):
+    """A run stopped at max_steps 2 (micro-batch 4 of the 6 in epoch 0) writes last.ckpt at the end of training, after
+    Lightning has closed epoch 0; extended to 6 steps with it, Lightning counts epoch 1 while the loader yields the
+    rest of epoch 0. Rollouts are keyed by the data epoch (``ftmods.datamodules.samplers.data_epoch``), so the
+    extension draws the uninterrupted run's completions and ends on its weights bit for bit (keyed by Lightning's
+    epoch, they did not)."""
+    straight = _fit(tmp_path / "a", 1)
+    _fit(tmp_path / "b", 1, max_steps=2, every=1000)
+    extended = _fit(tmp_path / "b", 1, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.model.named_parameters(), extended.model.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 

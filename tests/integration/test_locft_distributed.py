@@ -1,4 +1,5 @@
-"""LocFT-BF on two CPU processes (gloo) from the command line: FSDP2 ends where DDP does."""
+"""LocFT-BF on two CPU processes (gloo) from the command line: FSDP2 ends where DDP does, and its sharded checkpoint
+resumes to the uninterrupted weights."""
 
 from __future__ import annotations
 
@@ -28,18 +29,18 @@ def _edits(path: Path) -> Path:
     return path
 
 
-def _launch(folder: Path, strategy: str) -> Path:
+def _launch(folder: Path, strategy: str, *extra: str, epochs: int = 4) -> Path:
     folder.mkdir(parents=True)
     (folder / "configs").symlink_to(REPO / "configs")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
         sys.executable, str(REPO / "cli.py"), "fit",
         "-c", "configs/locft/tiny.yaml", "-c", f"configs/strategy/{strategy}.yaml",
-        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "4",
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_epochs", str(epochs),
         "--trainer.callbacks+=ftmods.callbacks.PretrainedExport", "--trainer.callbacks.dirpath", "pretrained",
         "--model.init_args.pretrained", "tiny/causal-lm",
         "--model.init_args.target_modules", f"[{TARGET.replace('.', chr(92) + '.')}]",
-        "--data.init_args.edit_files", str(_edits(folder / "edits.jsonl")), "--data.init_args.batch_size", "4",
+        "--data.init_args.edit_files", str(_edits(folder / "edits.jsonl")), "--data.init_args.batch_size", "4", *extra,
     ]  # fmt: skip
     result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -71,3 +72,20 @@ def test_fsdp2_edits_like_ddp_and_changes_only_the_tuned_tensor(ddp_run, tmp_pat
     reports = [json.loads(next((r / "runs/locft_tiny").rglob("edit_eval.json")).read_text()) for r in (ddp_run, fsdp)]
     for key in ("eval/teacher_forced_token/reliability", "eval/wild_em/reliability", "eval/wild_em/locality"):
         assert reports[1][key] == pytest.approx(reports[0][key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_resumes_to_the_uninterrupted_weights(ddp_run, tmp_path):
+    """Two epochs under FSDP2 leave a distributed ``last.ckpt`` (one shard per rank, the fp32 tuned tensor and its
+    Adam state); resuming it for epochs 3 and 4 ends on the weights of the uninterrupted 4-epoch run, with the frozen
+    tensors still the base model's."""
+    first = _launch(tmp_path / "first", "fsdp2_model_parallel", epochs=2)
+    last = first / "runs/locft_tiny/checkpoints/last.ckpt"
+    assert last.is_dir()
+    halfway = load_file(first / "pretrained/model.safetensors")[TARGET]
+    resumed = _launch(tmp_path / "resumed", "fsdp2_model_parallel", "--ckpt_path", str(last))
+    got, want = load_file(resumed / "pretrained/model.safetensors"), load_file(ddp_run / "pretrained/model.safetensors")
+    assert got.keys() == want.keys()
+    assert not torch.equal(got[TARGET], halfway)  # epochs 3 and 4 did train
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

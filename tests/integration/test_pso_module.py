@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from support.callbacks import KillAt
 from torch.utils.data import Dataset
@@ -49,8 +49,20 @@ class _Prompts(Dataset):
         return {"ids": str(i), "captions": CAPTIONS[i % 4]}
 
 
-def _loader(dataset: Dataset, batch_size: int = 2) -> Any:
-    return resumable_loader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(dataset, seed=0))
+def _loader(dataset: Dataset, batch_size: int = 2, epoch: int = 0) -> Any:
+    sampler = EpochShuffleSampler(dataset, seed=0, epoch=epoch)
+    return resumable_loader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+class _Data(LightningDataModule):
+    """Builds the loader with the trainer's epoch, as ftmods' DataModules do (needed to extend a finished run)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def train_dataloader(self) -> Any:
+        return _loader(self.dataset, epoch=self.trainer.current_epoch if self.trainer else 0)
 
 
 def _module(pretrained: str = "tiny/sd", **kwargs: Any) -> PSOModule:
@@ -224,12 +236,14 @@ def test_full_fine_tuning_exports_a_pipeline(tmp_path):
         assert torch.equal(a, b), name
 
 
-def _fit(folder: Path, online: bool, kill_at: int | None = None, ckpt: str | None = None) -> PSOModule:
+def _fit(
+    folder: Path, online: bool, kill_at: int | None = None, ckpt: str | None = None, max_steps: int = 5, every: int = 1
+) -> PSOModule:
     module = _online() if online else _module(lora=LORA)
-    checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
+    checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=every, save_last=True, save_top_k=0)
     callbacks = [checkpoint] + ([KillAt(kill_at)] if kill_at else [])
-    trainer = _trainer(folder, max_steps=5, enable_checkpointing=True, callbacks=callbacks)
-    trainer.fit(module, train_dataloaders=_loader(_Prompts() if online else _Pairs()), ckpt_path=ckpt)
+    trainer = _trainer(folder, max_steps=max_steps, enable_checkpointing=True, callbacks=callbacks)
+    trainer.fit(module, datamodule=_Data(_Prompts() if online else _Pairs()), ckpt_path=ckpt)
     return module
 
 
@@ -242,6 +256,18 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, online):
         _fit(tmp_path / "b", online, kill_at=3)
     resumed = _fit(tmp_path / "b", online, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for (name, a), b in zip(straight.unet.named_parameters(), resumed.unet.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_extending_a_finished_run_matches_the_uninterrupted_run(tmp_path, online):
+    """Stopped at max_steps 2 (mid-epoch; last.ckpt written at the end of training, after Lightning closed the epoch)
+    and extended to 5: noise, timesteps and rollouts are keyed by the data epoch, not Lightning's (one ahead in the
+    extension until the stopped epoch is done), so the weights match the uninterrupted run bit for bit."""
+    straight = _fit(tmp_path / "a", online)
+    _fit(tmp_path / "b", online, max_steps=2, every=1000)
+    extended = _fit(tmp_path / "b", online, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.unet.named_parameters(), extended.unet.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
