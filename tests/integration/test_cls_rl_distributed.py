@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import run_cli
+from support.launch import logged_metrics, run_cli
 
 from ftmods.models.tiny import resolve_pretrained
 
@@ -38,17 +37,6 @@ def _launch(folder: Path, *extra: str, devices: int = 2, batch: int = 1, strateg
     ]  # fmt: skip
     run_cli(folder, *args)
     return folder / RUN
-
-
-def _metrics(run: Path) -> dict[str, dict[int, float]]:
-    """``{key: {step: value}}`` of every metrics.csv of the run (versions in order)."""
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(run.rglob("metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            for key, value in row.items():
-                if value and key not in ("epoch", "step"):
-                    out.setdefault(key, {})[int(row["step"])] = float(value)
-    return out
 
 
 def _assert_same_weights(run: Path, reference: Path) -> None:
@@ -87,8 +75,8 @@ def test_ddp_ranks_end_identical_with_two_iterations(tmp_path):
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
     assert ranks[0]["digest"] == ranks[1]["digest"]
-    assert sorted(_metrics(run)["train/rewards/equality"]) == [0, 1, 2, 3]
-    assert "train/clip_fraction" in _metrics(run)
+    assert sorted(logged_metrics(run)["train/rewards/equality"]) == [0, 1, 2, 3]
+    assert "train/clip_fraction" in logged_metrics(run)
 
 
 @pytest.mark.slow
@@ -101,7 +89,7 @@ def test_ddp_matches_one_process_with_the_global_batch(ddp_run, single_run):
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == STEPS
     assert ranks[0]["digest"] == ranks[1]["digest"]
-    ddp, single = _metrics(ddp_run / RUN), _metrics(single_run)
+    ddp, single = logged_metrics(ddp_run / RUN), logged_metrics(single_run)
     keys = ["train/loss", "train/reward", "train/reward_std", "train/kl", "train/completion_length"]
     keys += ["train/rewards/equality", "train/rewards/support.rewards.length_parity"]
     assert len(set(single["train/reward_std"].values())) > 1  # the rollouts vary: there is something to compare
@@ -118,7 +106,7 @@ def test_fsdp2_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, tmp_
     exports DDP's weights; restarting from its step-3 distributed checkpoint (mid-epoch, between optimizer steps of
     an accumulation of 2) ends on the uninterrupted run's weights and logs its last two losses."""
     run = _launch(tmp_path / "run", strategy="fsdp2_model_parallel")
-    fsdp, ddp = _metrics(run), _metrics(ddp_run / RUN)
+    fsdp, ddp = logged_metrics(run), logged_metrics(ddp_run / RUN)
     for step, value in ddp["train/loss"].items():
         assert fsdp["train/loss"][step] == pytest.approx(value, rel=1e-4, abs=1e-6), step
     _assert_same_weights(run, ddp_run / RUN)
@@ -126,7 +114,7 @@ def test_fsdp2_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, tmp_
     checkpoint = run / "checkpoints/epoch=0-step=3.ckpt"
     assert checkpoint.is_dir()  # a distributed checkpoint: one shard per rank
     resumed = _launch(tmp_path / "resumed", "--ckpt_path", str(checkpoint), strategy="fsdp2_model_parallel")
-    again = _metrics(resumed)
+    again = logged_metrics(resumed)
     assert sorted(again["train/loss"]) == [3, 4]
     for step in (3, 4):
         assert again["train/loss"][step] == pytest.approx(fsdp["train/loss"][step], rel=1e-5, abs=1e-7), step

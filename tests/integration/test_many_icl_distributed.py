@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import run_cli
+from support.launch import logged_metrics, run_cli
 
 from ftmods.datamodules import ManyShotDataModule
 from ftmods.models.tiny import resolve_pretrained
@@ -57,24 +57,13 @@ def _launch(folder: Path, *extra: str, devices: int = 2, batch: int = 4, strateg
     return folder / "runs/many_icl_tiny"
 
 
-def _metrics(run: Path) -> dict[str, dict[int, float]]:
-    """``{key: {step: value}}`` of every metrics.csv of the run (versions in order)."""
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(run.rglob("metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            for key, value in row.items():
-                if value and key not in ("epoch", "step"):
-                    out.setdefault(key, {})[int(row["step"])] = float(value)
-    return out
-
-
 def _forgetting(run: Path) -> dict[str, float]:
     return json.loads(next(run.rglob("forgetting.json")).read_text())
 
 
 def _assert_same_evaluation(run: Path, reference: Path, *, step: int) -> None:
     """Same scores at ``step`` (each query counted once), same held-out scores of the base model."""
-    got, want = _metrics(run), _metrics(reference)
+    got, want = logged_metrics(run), logged_metrics(reference)
     assert got["val/num_queries"][step] == want["val/num_queries"][step] == QUERIES
     keys = sorted(k for k in want if k.startswith("val/"))
     assert keys == sorted(k for k in got if k.startswith("val/"))
@@ -142,7 +131,7 @@ def test_ddp_matches_one_process_with_the_global_batch(ddp_run, single_run):
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == STEPS
     assert ranks[0]["digest"] == ranks[1]["digest"]
-    ddp, single = _metrics(ddp_run), _metrics(single_run)
+    ddp, single = logged_metrics(ddp_run), logged_metrics(single_run)
     train = sorted(k for k in single if k.startswith("train/loss"))
     assert "train/loss" in train
     assert len(train) > 2  # the shot buckets too
@@ -162,7 +151,7 @@ def test_fsdp2_matches_ddp_and_its_checkpoint_resumes(ddp_run, tmp_path):
     """FSDP2 logs DDP's losses, ends at DDP's weights and gives DDP's evaluation (every query on every rank in lock
     step, each counted by one rank); its sharded ``last.ckpt`` resumes with a higher ``max_steps`` to completion."""
     run = _launch(tmp_path / "run", "--trainer.max_steps", str(STEPS), strategy="fsdp2_model_parallel")
-    fsdp, ddp = _metrics(run), _metrics(ddp_run)
+    fsdp, ddp = logged_metrics(run), logged_metrics(ddp_run)
     assert sorted(fsdp["train/loss"]) == list(range(STEPS))
     for step, value in ddp["train/loss"].items():
         assert fsdp["train/loss"][step] == pytest.approx(value, rel=1e-4), step

@@ -3,6 +3,7 @@ tests: DDP / FSDP2 on CPU)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -24,3 +25,15 @@ def run_cli(folder: Path, *args: str, timeout: int = 300) -> subprocess.Complete
                             text=True, timeout=timeout)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def logged_metrics(run: Path) -> dict[str, dict[int, float]]:
+    """``{key: {step: value}}`` of every CSVLogger ``metrics.csv`` under ``run`` (versions in order: a resumed run's
+    later values win)."""
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(run.rglob("metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            for key, value in row.items():
+                if value and key not in ("epoch", "step"):
+                    out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
