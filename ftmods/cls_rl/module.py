@@ -75,6 +75,7 @@ from ftmods.ops.grpo import (
     group_advantages,
     group_reward_std,
     grpo_loss,
+    pooled_std,
 )
 from ftmods.ops.sampling import KeyedSampler, row_keys
 from ftmods.optim import build_optimizers
@@ -503,7 +504,10 @@ class CLSRLModule(LightningModule):
         completions = self.decode(completion_ids, mask)
         labels = [label for label in batch["labels"] for _ in range(group)]
         rewards, parts = self.score(completions, labels)
-        advantages = group_advantages(rewards, group, scale=hp["scale_rewards"], eps=hp["advantage_eps"])  # (N,)
+        batch_std = self._global_reward_std(rewards)  # None but for scale_rewards: batch on several ranks
+        advantages = group_advantages(
+            rewards, group, scale=hp["scale_rewards"], eps=hp["advantage_eps"], batch_std=batch_std
+        )  # (N,)
         scoring = self.scoring_inputs(inputs, completion_ids, mask)
         with torch.no_grad():
             ref_logp = self.reference_logprobs(scoring, completion_ids)
@@ -524,6 +528,21 @@ class CLSRLModule(LightningModule):
             ids=list(batch["ids"]),
             timings={"generate": generated - start, "score": time.perf_counter() - generated},
         )
+
+    def _global_reward_std(self, rewards: Tensor) -> Tensor | None:
+        """``scale_rewards: batch`` on several ranks: the std of the micro-batch's rewards over all ranks.
+
+        One all-reduce of count, sum and sum of squares, so that N ranks scale like one process with N times the
+        batch (TRL gathers the rewards before scaling too). None otherwise: the local batch's std applies.
+        """
+        trainer = self._trainer
+        if self.hparams["scale_rewards"] != "batch" or trainer is None or trainer.world_size < 2:
+            return None
+        values = rewards.double()
+        sums = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device),
+                            values.sum(), (values * values).sum()])  # fmt: skip
+        count, total, total_sq = trainer.strategy.reduce(sums, reduce_op="sum")
+        return pooled_std(count, total, total_sq).float()
 
     def compute_loss(self, rollout: Rollout, *, num_items: Tensor | float | None = None) -> GRPOLossOutput:
         """The GRPO loss of a rollout under the current policy (one differentiable forward pass)."""

@@ -10,6 +10,7 @@ from ftmods.ops.grpo import (
     group_reward_std,
     grpo_loss,
     k3_kl,
+    pooled_std,
 )
 from ftmods.ops.params import (
     freeze_all_but,
@@ -46,6 +47,7 @@ __all__ = [
     "match_names",
     "match_parameters",
     "next_token_targets",
+    "pooled_std",
     "proportional_layer",
     "row_keys",
     "segment_ids_from_position_ids",

@@ -64,7 +64,28 @@ def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
     return _unbiased_std(_grouped(rewards, group_size), dim=1)  # (B,)
 
 
-def group_advantages(rewards: Tensor, group_size: int, *, scale: AdvantageScale = "group", eps: float = 1e-4) -> Tensor:
+def pooled_std(count: Tensor, total: Tensor, total_sq: Tensor) -> Tensor:
+    """Unbiased std of values known only by their count, sum and sum of squares (summed over ranks, say).
+
+    ``sqrt((total_sq - total**2 / count) / (count - 1))``, clamped at 0 for rounding; 0 for fewer than 2 values.
+
+    Example:
+        >>> pooled_std(torch.tensor(4.0), torch.tensor(3.0), torch.tensor(3.0))  # [1, 0, 1, 1]: var 0.75 / 3
+        tensor(0.5000)
+    """
+    if float(count) < 2:
+        return torch.zeros((), dtype=total.dtype, device=total.device)
+    return ((total_sq - total * total / count) / (count - 1)).clamp(min=0).sqrt()
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    scale: AdvantageScale = "group",
+    eps: float = 1e-4,
+    batch_std: Tensor | None = None,
+) -> Tensor:
     """Group-relative advantages ``A_i = (r_i - mean_group(r)) / (std + eps)``.
 
     The baseline is always the mean of the sample's own group. ``scale`` picks the divisor:
@@ -81,6 +102,8 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: AdvantageScale 
         group_size: ``G``, the number of completions per prompt.
         scale: The divisor, see above.
         eps: Added to the std (TRL 0.14 and R1-V use 1e-4).
+        batch_std: ``"batch"`` only: the std to divide by instead of this batch's, e.g. the std of the global batch
+            over all ranks (:func:`pooled_std` of all-reduced sums), as TRL gathers the rewards before scaling.
 
     Returns:
         ``(B*G,)`` advantages, one per completion (the same value applies to each of its tokens).
@@ -99,7 +122,10 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: AdvantageScale 
     centered = centered.masked_fill(constant, 0.0)  # (B, G) dead groups: exactly 0
     if scale == "none":
         return centered.flatten()  # (B*G,)
-    std = _unbiased_std(grouped, dim=1).unsqueeze(1) if scale == "group" else _unbiased_std(grouped)  # (B, 1) | ()
+    if scale == "group":
+        std = _unbiased_std(grouped, dim=1).unsqueeze(1)  # (B, 1)
+    else:
+        std = _unbiased_std(grouped) if batch_std is None else batch_std.to(grouped)  # ()
     return (centered / (std + eps)).flatten()  # (B*G,)
 
 

@@ -119,3 +119,18 @@ def test_fsdp2_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, tmp_
     for step in (3, 4):
         assert again["train/loss"][step] == pytest.approx(fsdp["train/loss"][step], rel=1e-5, abs=1e-7), step
     _assert_same_weights(resumed, run)
+
+
+@pytest.mark.slow
+def test_batch_reward_scaling_uses_the_global_batch(tmp_path):
+    """``scale_rewards: batch`` divides by the std of the whole micro-batch over all ranks (one all-reduce of count,
+    sum and sum of squares), so 2 ranks x 1 prompt still end on the weights of 1 process x 2 prompts; with each rank's
+    own std they do not (the per-rank scales change the averaged gradient's direction)."""
+    resolve_pretrained("tiny/qwen2-vl-shapes")
+    scale = ("--model.init_args.scale_rewards", "batch", "--trainer.max_steps", "3")
+    single = _launch(tmp_path / "single", *scale, devices=1, batch=2, strategy=None)
+    ddp = _launch(tmp_path / "ddp", *scale)
+    got, want = logged_metrics(ddp), logged_metrics(single)
+    for step, value in want["train/reward"].items():
+        assert got["train/reward"][step] == pytest.approx(value, rel=1e-6), step
+    _assert_same_weights(ddp, single)

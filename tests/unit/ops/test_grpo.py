@@ -12,6 +12,7 @@ from ftmods.ops.grpo import (
     group_reward_std,
     grpo_loss,
     k3_kl,
+    pooled_std,
 )
 
 LN2 = math.log(2.0)
@@ -40,6 +41,28 @@ def test_group_advantages_batch_std_by_hand():
     rewards = torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     a = 1 / (math.sqrt(2 / 7) + EPS)
     assert_close(group_advantages(rewards, 4, scale="batch"), torch.tensor([a, -a, 0, 0, 0, 0, 0, 0]))
+
+
+def test_pooled_std_of_two_ranks_equals_the_std_of_the_whole_batch():
+    """Rank 0 holds [2, 0, 1, 1], rank 1 holds [1, 1, 1, 1]: summed, count 8, total 8, total_sq 4 + 0 + 1 + 1 + 4 = 10,
+    so var = (10 - 64 / 8) / 7 = 2/7, the batch std of the test above; one value gives 0, not NaN."""
+    ranks = [torch.tensor([2.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])]
+    count = torch.tensor(8.0)
+    total, total_sq = sum(r.sum() for r in ranks), sum((r * r).sum() for r in ranks)
+    std = pooled_std(count, total, total_sq)
+    assert_close(std, torch.tensor(math.sqrt(2 / 7)))
+    assert_close(std, torch.cat(ranks).std())
+    assert pooled_std(torch.tensor(1.0), torch.tensor(3.0), torch.tensor(9.0)).item() == 0.0
+
+
+def test_group_advantages_batch_scale_takes_the_global_std():
+    """Rank 0's half of the batch above ([2, 0, 1, 1], local std 0.8165) scaled by the global std sqrt(2/7) gives the
+    advantages the whole batch gives its first group: +-1.87047; ``batch_std`` is ignored by the other scales."""
+    local = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    global_std = torch.tensor(math.sqrt(2 / 7))
+    a = 1 / (math.sqrt(2 / 7) + EPS)
+    assert_close(group_advantages(local, 4, scale="batch", batch_std=global_std), torch.tensor([a, -a, 0, 0]))
+    assert_close(group_advantages(local, 4, scale="group", batch_std=global_std), group_advantages(local, 4))
 
 
 def test_group_advantages_no_scaling_is_mean_centred():
