@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ftmods.datamodules.records import RecordError, as_file_list, check_record, load_records
-from ftmods.datamodules.samplers import EpochShuffleSampler, RepeatGroupSampler, resumable_loader
+from ftmods.datamodules.samplers import RepeatGroupSampler, epoch_sampler, resumable_loader
 
 ClassSplit = Literal["all", "base", "new"]
 Mode = Literal["think", "no_think"]
@@ -655,7 +655,7 @@ class FewShotImageDataModule(LightningDataModule):
         dataset, seed, hp = self._datasets("train")[0], self.hparams["seed"], self.hparams
         trainer = self.trainer
         epoch = trainer.current_epoch if trainer is not None else 0
-        sampler: Any = EpochShuffleSampler(dataset, seed=seed, epoch=epoch)
+        sampler: Any = epoch_sampler(dataset, trainer=trainer, seed=seed, shuffle=True)
         if hp["num_iterations"] > 1:
             sampler = RepeatGroupSampler(
                 dataset,

@@ -172,6 +172,42 @@ def resumable_loader(dataset: Any, **kwargs: Any) -> ResumableDataLoader:
     return ResumableDataLoader(dataset, **kwargs)
 
 
+class EpochShardSampler(DistributedSampler):
+    """This rank's share of the ``(seed + epoch)`` permutation (or of file order), built by ftmods under DDP / FSDP.
+
+    The same order as Lightning's own ``DistributedSampler`` would give, with two differences: the seed is the
+    DataModule's (Lightning's takes ``seed_everything``'s), so N ranks see the single-process permutation whatever the
+    two seeds are; and it starts at ``epoch`` (``trainer.current_epoch``), which :class:`ResumableDataLoader` needs to
+    tell that a run stopped at ``max_steps`` is being extended. Being a ``DistributedSampler``, Lightning keeps it.
+
+    Example:
+        >>> shares = [list(EpochShardSampler(range(5), num_replicas=2, rank=r, seed=0, epoch=1)) for r in (0, 1)]
+        >>> single = list(EpochShuffleSampler(range(5), seed=0, epoch=1))
+        >>> shares[0] == single[0::2] and shares[1] == single[1::2] + single[:1]  # padded to equal shares
+        True
+    """
+
+    def __init__(
+        self, dataset: Sized, *, num_replicas: int, rank: int, seed: int = 0, shuffle: bool = True, epoch: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+        self.set_epoch(epoch)
+
+
+def epoch_sampler(dataset: Sized, *, trainer: Any, seed: int, shuffle: bool) -> Any:
+    """The training sampler of a map-style dataset, starting at ``trainer.current_epoch``.
+
+    :class:`EpochShuffleSampler` / :class:`EpochSequentialSampler` on one process, :class:`EpochShardSampler` when the
+    trainer's strategy shards data over several ranks (unless ``use_distributed_sampler=False``).
+    """
+    epoch = trainer.current_epoch if trainer is not None else 0
+    shard = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) if trainer else None
+    use = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+    if shard and use and int(shard.get("num_replicas", 1)) > 1:
+        return EpochShardSampler(dataset, seed=seed, shuffle=shuffle, epoch=epoch, **shard)
+    return EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if shuffle else EpochSequentialSampler(dataset, epoch)
+
+
 def epoch_loader(
     dataset: Any,
     *,
@@ -188,10 +224,7 @@ def epoch_loader(
     so a resumed run visits the examples in the uninterrupted order (:class:`EpochShuffleSampler`,
     :class:`ResumableDataLoader`).
     """
-    epoch = trainer.current_epoch if trainer is not None else 0
-    sampler = (
-        EpochShuffleSampler(dataset, seed=seed, epoch=epoch) if shuffle else EpochSequentialSampler(dataset, epoch)
-    )
+    sampler = epoch_sampler(dataset, trainer=trainer, seed=seed, shuffle=shuffle)
     return resumable_loader(
         dataset,
         batch_size=batch_size,

@@ -69,3 +69,19 @@ def test_ddp_matches_one_process_with_the_global_batch(ddp_run, tmp_path):
     assert any(not torch.equal(single[k], base[k]) for k in base)  # it trained
     for name, tensor in ddp.items():
         torch.testing.assert_close(single[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_ddp_extension_of_a_finished_run_equals_the_uninterrupted_run(tmp_path):
+    """DDP run stopped at max_steps 4 (mid-epoch: 6 steps per epoch), last.ckpt written at the end of training, then
+    extended to 9 with ``--ckpt_path``: the ftmods sampler (``EpochShardSampler``, built at Lightning's epoch, kept by
+    Lightning instead of its own ``DistributedSampler``) lets the loader finish the stopped epoch and then follow on,
+    so the weights equal a straight 9-step DDP run bit for bit."""
+    straight = _launch(tmp_path / "straight", "ddp", "--trainer.max_steps", "9")
+    stopped = _launch(tmp_path / "extended", "ddp", "--trainer.max_steps", "4")
+    last = stopped / "checkpoints/last.ckpt"
+    extended = _launch(tmp_path / "extended", "ddp", "--trainer.max_steps", "9", "--ckpt_path", str(last))
+    want = load_file(straight / "pretrained/model.safetensors")
+    got = load_file(extended / "pretrained/model.safetensors")
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
