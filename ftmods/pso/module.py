@@ -220,7 +220,7 @@ class PSOModule(LightningModule):
                 if unet is not None:
                     shard_unet(unet, mesh)
             # the strategy saves and loads get_model_state_dict(self) itself: on_save_checkpoint never reaches it
-            keep_frozen_parts_out_of_checkpoints(self, _frozen_parts)
+            keep_frozen_parts_out_of_checkpoints(self, _frozen_parts_of)
 
     @property
     def model(self) -> Any:
@@ -815,7 +815,8 @@ def _plain_class(model: nn.Module) -> type[Any]:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def _frozen_parts(module: nn.Module) -> list[tuple[str, Any]]:
+def _frozen_parts_of(module: nn.Module) -> list[tuple[str, Any]]:
+    """The parts a PSOModule keeps out of checkpoints (for :func:`keep_frozen_parts_out_of_checkpoints`)."""
     assert isinstance(module, PSOModule)
     return module._frozen_parts()
 
