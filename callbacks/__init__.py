@@ -13,6 +13,7 @@ from ftmods.callbacks.grafting import (
     load_graft,
     top_delta_mask,
 )
+from ftmods.callbacks.throughput import ThroughputMeter, decoder_shape_of
 
 __all__ = [
     "EMAWeightAveraging",
@@ -28,6 +29,8 @@ __all__ = [
     "ParameterFreezing",
     "PretrainedExport",
     "ShardedEMA",
+    "ThroughputMeter",
     "WeightAveraging",
+    "decoder_shape_of",
     "ema_state_dict",
 ]

@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -297,7 +297,13 @@ def build_tiny_clip_tokenizer(*, model_max_length: int = 16) -> CLIPTokenizer:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] = "llama") -> Path:
+def build_tiny_causal_lm(
+    folder: str | Path,
+    *,
+    arch: Literal["llama", "qwen2"] = "llama",
+    dims: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Build a tiny random causal LM (about 0.1 M parameters) and its ChatML tokenizer into ``folder``.
 
     Dimensions: hidden 64, intermediate 128, 2 layers, 4 attention heads, 2 KV heads, 4096 positions, tied
@@ -307,6 +313,8 @@ def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] 
     Args:
         folder: Output folder (created if missing).
         arch: ``"llama"`` for ``LlamaForCausalLM`` or ``"qwen2"`` for ``Qwen2ForCausalLM``.
+        dims: Config fields that replace the tiny ones (``ftmods.models.architectures`` builds real-size models so).
+        dtype: Save the weights in this dtype (default float32).
 
     Returns:
         ``folder``, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
@@ -315,7 +323,7 @@ def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] 
 
     path = _as_dir(folder)
     tokenizer = build_tiny_chat_tokenizer()
-    dims = {
+    config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -327,15 +335,18 @@ def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] 
         "bos_token_id": None,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        **(dims or {}),
     }
     model: LlamaForCausalLM | Qwen2ForCausalLM
     with _seeded():
         if arch == "llama":
-            model = LlamaForCausalLM(LlamaConfig(**dims))
+            model = LlamaForCausalLM(LlamaConfig(**config))
         elif arch == "qwen2":
-            model = Qwen2ForCausalLM(Qwen2Config(**dims))
+            model = Qwen2ForCausalLM(Qwen2Config(**config))
         else:
             raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+    if dtype is not None:
+        torch.nn.Module.to(model, dtype)  # (transformers' typing of PreTrainedModel.to confuses mypy)
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -344,7 +355,15 @@ def build_tiny_causal_lm(folder: str | Path, *, arch: Literal["llama", "qwen2"] 
     return path
 
 
-def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl") -> Path:
+def build_tiny_vlm(
+    folder: str | Path,
+    *,
+    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl",
+    text: Mapping[str, Any] | None = None,
+    vision: Mapping[str, Any] | None = None,
+    pixels: tuple[int, int] = (56 * 56, 56 * 56),
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Build a tiny random Qwen2-VL (about 0.2 M parameters) and its ``Qwen2VLProcessor`` into ``folder``.
 
     The tokenizer is the tiny ChatML tokenizer plus ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>`` and
@@ -359,6 +378,10 @@ def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"
     Args:
         folder: Output folder (created if missing).
         arch: ``qwen2_vl`` or ``qwen2_5_vl``.
+        text: Text-model config fields that replace the tiny ones.
+        vision: Vision config that replaces the tiny one.
+        pixels: The image processor's ``(min_pixels, max_pixels)``.
+        dtype: Save the weights in this dtype (default float32).
 
     Returns:
         ``folder``, loadable with ``AutoModelForImageTextToText`` / ``AutoProcessor``. Note that in transformers 5 the
@@ -376,11 +399,11 @@ def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"
     tokenizer = build_tiny_chat_tokenizer(
         extra_special_tokens=_VISION_SPECIAL_TOKENS, padding_side="left", chat_template=QWEN2_VL_TEMPLATE
     )
-    pixels = 56 * 56  # 2x2 merged patches of 14x14 pixels -> 4 image tokens
+    bounds = {"shortest_edge": pixels[0], "longest_edge": pixels[1]}  # default: 4 image tokens per image
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels}),
+        image_processor=Qwen2VLImageProcessor(size=bounds),
         video_processor=Qwen2VLVideoProcessor(
-            size={"shortest_edge": pixels, "longest_edge": pixels},
+            size=bounds,
             cap_pixels_per_frame=True,  # the reference behaviour
         ),
         tokenizer=tokenizer,
@@ -388,7 +411,7 @@ def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"
     )
     config_cls: Any = Qwen2VLConfig
     model_cls: Any = Qwen2VLForConditionalGeneration
-    vision: dict[str, Any] = {
+    vision_config: dict[str, Any] = {
         "depth": 2,
         "embed_dim": 32,
         "hidden_size": 64,  # merger output = text hidden size
@@ -402,7 +425,7 @@ def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        vision = {
+        vision_config = {
             "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -427,8 +450,9 @@ def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"
             "bos_token_id": None,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
+            **(text or {}),
         },
-        vision_config=vision,
+        vision_config=dict(vision) if vision is not None else vision_config,
         image_token_id=_token_id(tokenizer, "<|image_pad|>"),
         video_token_id=_token_id(tokenizer, "<|video_pad|>"),
         vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
@@ -436,6 +460,8 @@ def build_tiny_vlm(folder: str | Path, *, arch: Literal["qwen2_vl", "qwen2_5_vl"
     )
     with _seeded():
         model = model_cls(config)
+    if dtype is not None:
+        model.to(dtype)
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -458,7 +484,16 @@ _TINY_CLIP_TEXT: dict[str, Any] = {
 }
 
 
-def build_tiny_sd_pipeline(folder: str | Path, *, xl: bool = False) -> Path:
+def build_tiny_sd_pipeline(
+    folder: str | Path,
+    *,
+    xl: bool = False,
+    unet: Mapping[str, Any] | None = None,
+    vae: Mapping[str, Any] | None = None,
+    text: Mapping[str, Any] | None = None,
+    model_max_length: int = 16,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Build a tiny random Stable Diffusion (or SDXL) pipeline into ``folder``.
 
     Components: a character-level CLIP tokenizer (16 positions), CLIP text encoder(s) of hidden size 32, a UNet with
@@ -470,6 +505,11 @@ def build_tiny_sd_pipeline(folder: str | Path, *, xl: bool = False) -> Path:
     Args:
         folder: Output folder (created if missing).
         xl: Build a ``StableDiffusionXLPipeline`` instead of a ``StableDiffusionPipeline``.
+        unet: ``UNet2DConditionModel`` arguments that replace the tiny ones (not with ``xl``).
+        vae: ``AutoencoderKL`` arguments that replace the tiny ones.
+        text: CLIP text config fields that replace the tiny ones.
+        model_max_length: Token positions of the tokenizer (and the text encoders' default).
+        dtype: Save the weights in this dtype (default float32).
 
     Returns:
         ``folder``, loadable with ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.from_pretrained`` or
@@ -485,7 +525,9 @@ def build_tiny_sd_pipeline(folder: str | Path, *, xl: bool = False) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = _as_dir(folder)
-    tokenizer = build_tiny_clip_tokenizer()
+    tokenizer = build_tiny_clip_tokenizer(model_max_length=model_max_length)
+    if xl and unet is not None:
+        raise ValueError("unet overrides are for SD pipelines; SDXL is only built tiny")
     unet_xl = {
         "cross_attention_dim": 64,  # both text encoders' hidden states, concatenated: 32 + 32
         "attention_head_dim": (2, 4),
@@ -495,32 +537,41 @@ def build_tiny_sd_pipeline(folder: str | Path, *, xl: bool = False) -> Path:
         "addition_time_embed_dim": 8,
         "projection_class_embeddings_input_dim": 6 * 8 + 32,  # 6 size/crop ids x 8 + pooled text embedding 32
     }
-    with _seeded():
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8,
+    unet_kwargs: dict[str, Any] = (
+        dict(unet)
+        if unet is not None
+        else {
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "norm_num_groups": 8,
             **(unet_xl if xl else {"cross_attention_dim": 32, "attention_head_dim": 8}),
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=4,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY_CLIP_TEXT))
-        text_encoder_2 = (
-            CLIPTextModelWithProjection(CLIPTextConfig(**_TINY_CLIP_TEXT, projection_dim=32)) if xl else None
-        )
+        }
+    )
+    vae_kwargs: dict[str, Any] = (
+        dict(vae)
+        if vae is not None
+        else {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (8, 8, 8, 8),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "latent_channels": 4,
+        }
+    )
+    text_kwargs = {**_TINY_CLIP_TEXT, "max_position_embeddings": model_max_length, **(text or {})}
+    with _seeded():
+        unet_model = UNet2DConditionModel(**unet_kwargs)
+        vae_model = AutoencoderKL(**vae_kwargs)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_kwargs, projection_dim=32)) if xl else None
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -531,27 +582,29 @@ def build_tiny_sd_pipeline(folder: str | Path, *, xl: bool = False) -> Path:
     pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     if xl:
         pipe = StableDiffusionXLPipeline(
-            vae=vae,
+            vae=vae_model,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
-            unet=unet,
+            unet=unet_model,
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=vae,
+            vae=vae_model,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            unet=unet,
+            unet=unet_model,
             scheduler=scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    if dtype is not None:
+        pipe.to(dtype=dtype)  # type: ignore[union-attr]
     pipe.save_pretrained(path)  # type: ignore[union-attr]  # diffusers' own annotations hide the method from mypy
     return path
 
@@ -723,7 +776,9 @@ def tiny_model_dir(name: str) -> Path:
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Turn a reserved ``tiny/<name>`` id into a local folder, building the model once; pass anything else through.
+    """Turn a reserved ``tiny/<name>`` or ``random/<name>`` id into a local folder, building the model once.
+
+    Anything else passes through. ``random/`` ids are real-size architectures (:mod:`ftmods.models.architectures`).
 
     The build goes into a fresh temporary folder next to the target, which is then renamed into place atomically, so
     a half-built model is never visible under the final name. When several processes (e.g. DDP ranks) resolve the
@@ -736,8 +791,19 @@ def resolve_pretrained(name_or_path: str) -> str:
         The cached folder (as a string) for a tiny id, otherwise ``name_or_path`` unchanged.
 
     Raises:
-        ValueError: If ``name_or_path`` starts with ``tiny/`` but names no tiny model.
+        ValueError: If ``name_or_path`` starts with ``tiny/`` or ``random/`` but names no such model.
     """
+    if name_or_path.startswith("random/"):
+        from ftmods.models.architectures import RANDOM_MODELS, random_model_dir  # imports this module
+
+        arch = name_or_path.removeprefix("random/")
+        if arch not in RANDOM_MODELS:
+            raise ValueError(
+                f"unknown random model {name_or_path!r}; valid names are: random/{', random/'.join(RANDOM_MODELS)}"
+            )
+        if not random_model_dir(arch).is_dir():
+            _build_atomically(RANDOM_MODELS[arch], random_model_dir(arch))
+        return str(random_model_dir(arch))
     if not name_or_path.startswith(TINY_PREFIX):
         return name_or_path
     name = name_or_path[len(TINY_PREFIX) :]

@@ -1,5 +1,6 @@
 """Shared pure tensor functions used by several methods."""
 
+from ftmods.ops.flops import DecoderShape, forward_flops, matmul_params, mfu, sequence_lengths_of, train_flops
 from ftmods.ops.grpo import (
     REDUCTIONS,
     GRPOLossOutput,
@@ -30,6 +31,12 @@ from ftmods.ops.tokens import (
 )
 
 __all__ = [
+    "DecoderShape",
+    "forward_flops",
+    "matmul_params",
+    "mfu",
+    "sequence_lengths_of",
+    "train_flops",
     "REDUCTIONS",
     "GRPOLossOutput",
     "KeyedSampler",

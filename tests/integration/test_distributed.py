@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import run_cli
+from support.launch import logged_metrics, run_cli
 
 from ftmods.models.tiny import resolve_pretrained
 
@@ -30,8 +30,18 @@ def _launch(folder: Path, strategy: str, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ddp") / "run"
-    extra = ("--trainer.callbacks+=support.rank_digest.RankDigest", "--trainer.callbacks.dirpath", "digests")
+    meter = "--trainer.callbacks+=ftmods.callbacks.ThroughputMeter"
+    extra = (meter, "--trainer.callbacks+=support.rank_digest.RankDigest", "--trainer.callbacks.dirpath", "digests")
     return _launch(folder, "ddp", *extra)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The DDP run's global batch (16) in one process."""
+    one = tmp_path_factory.mktemp("one") / "run"
+    run_cli(one, "fit", "-c", "configs/sft/tiny.yaml", "--trainer.max_steps", "6", "--data.init_args.batch_size", "16",
+            "--trainer.callbacks+=ftmods.callbacks.ThroughputMeter")  # fmt: skip
+    return one / "runs/sft_tiny"
 
 
 def test_ddp_ranks_end_identical(ddp_run):
@@ -57,18 +67,32 @@ def test_fsdp2_matches_ddp(ddp_run, tmp_path):
         torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_ddp_matches_one_process_with_the_global_batch(ddp_run, tmp_path):
+def test_ddp_matches_one_process_with_the_global_batch(ddp_run, one_process_run):
     """2 ranks x 8 records (epoch-ordered sampler: rank r takes every other record of the shuffled order) against one
     process x 16 records: the same global batches and the global token mean, so the same gradients up to summation
     order and padding; after 6 AdamW steps the weights agree to float32 rounding (rtol 1e-4)."""
-    one = tmp_path / "one"
-    run_cli(one, "fit", "-c", "configs/sft/tiny.yaml", "--trainer.max_steps", "6", "--data.init_args.batch_size", "16")
-    single = load_file(one / "runs/sft_tiny/pretrained/model.safetensors")
+    single = load_file(one_process_run / "pretrained/model.safetensors")
     ddp = load_file(ddp_run / "pretrained/model.safetensors")
     base = load_file(Path(resolve_pretrained("tiny/causal-lm")) / "model.safetensors")
     assert any(not torch.equal(single[k], base[k]) for k in base)  # it trained
     for name, tensor in ddp.items():
         torch.testing.assert_close(single[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_throughput_meter_sums_tokens_over_ranks(ddp_run, one_process_run):
+    """ThroughputMeter under DDP counts every rank's tokens: the 4 measured steps (after the 2 warm-up steps) of the
+    2-rank run hold exactly the tokens and model FLOPs of the one-process run with the same global batches. Only rank
+    0 writes the summary, and the run does not hang on the summary's collective calls."""
+    ddp = [json.loads(p.read_text()) for p in ddp_run.rglob("throughput.json")]
+    one = [json.loads(p.read_text()) for p in one_process_run.rglob("throughput.json")]
+    assert len(ddp) == len(one) == 1
+    (ddp_summary,), (one_summary,) = ddp, one
+    assert (ddp_summary["devices"], one_summary["devices"]) == (2, 1)
+    assert ddp_summary["steps"] == one_summary["steps"] == 4
+    assert ddp_summary["tokens"] == one_summary["tokens"] > 0
+    assert ddp_summary["flops"] == one_summary["flops"] > 0
+    logged = logged_metrics(ddp_run)
+    assert list(logged["perf/tokens_per_sec"]) == [4]  # every log_every_n_steps (4, the config's) optimizer steps
 
 
 @pytest.mark.slow
