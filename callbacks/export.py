@@ -71,7 +71,14 @@ class PretrainedExport(Callback):
     def export(self, trainer: Trainer, pl_module: LightningModule, path: Path) -> None:
         """Write the model to ``path`` (collective on sharded runs: every rank must call it)."""
         target: Any = pl_module if hasattr(pl_module, "save_pretrained") else self._model(pl_module)
-        state_dict = full_state_dict(target if target is not pl_module else self._inner(pl_module))
+        inner = target if target is not pl_module else self._inner(pl_module)
+        root = trainer.strategy.model
+        state_dict: dict[str, torch.Tensor] | None
+        if isinstance(inner, torch.nn.Module) and root is not None and is_fsdp1(root):
+            prefix = next(f"{name}." for name, m in pl_module.named_modules() if m is inner)  # e.g. PSO: "unet."
+            state_dict = fsdp1_full_state_dict(root, prefix, inner)  # collective
+        else:
+            state_dict = full_state_dict(inner)
         if trainer.is_global_zero:
             path.mkdir(parents=True, exist_ok=True)
             extra = {} if target is pl_module else {"safe_serialization": True}
@@ -82,6 +89,32 @@ class PretrainedExport(Callback):
 
     def _inner(self, pl_module: LightningModule) -> Any:
         return getattr(pl_module, self.attribute, None)
+
+
+def is_fsdp1(module: Any) -> bool:
+    """Whether ``module`` is (or holds) a classic ``FullyShardedDataParallel`` unit (FSDP1 / ``BlockFSDPStrategy``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, torch.nn.Module) and any(
+        isinstance(m, FullyShardedDataParallel) for m in module.modules()
+    )
+
+
+def fsdp1_full_state_dict(root: torch.nn.Module, prefix: str, inner: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The gathered CPU state dict of the submodule at ``prefix`` of an FSDP1 ``root`` (every rank must call this).
+
+    Under FSDP1 the root unit (the whole LightningModule) owns the parameters outside the wrapped blocks (embeddings,
+    head, norms), so the submodule alone cannot be gathered: the root's full state dict is taken and cut to the keys
+    under ``prefix`` (the submodule's name in the LightningModule, ``"model."``), prefix removed; tied duplicates are
+    dropped as in :func:`full_state_dict`.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state: dict[str, Any] = dict(get_model_state_dict(root, options=options))
+    tied = {n for n, _ in inner.named_parameters(remove_duplicate=False)} - {n for n, _ in inner.named_parameters()}
+    cut = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in cut.items() if k not in tied}
 
 
 def full_state_dict(model: Any) -> dict[str, torch.Tensor] | None:

@@ -60,8 +60,9 @@ class ThroughputMeter(Callback):
     get tokens/s only, if their batches carry token ids. MFU divides by the device's peak FLOP/s for the trainer's
     precision (Lightning's table of GPUs: H100 SXM bf16 = 989.4 TFLOP/s), or by ``peak_flops``.
 
-    The first ``warmup_steps`` optimizer steps (compilation, allocator warm-up) are left out, and so is time spent in
-    validation. Every ``log_every_n_steps`` optimizer steps it logs, on every rank, the values of that window:
+    The first ``warmup_steps`` optimizer steps of every fit (compilation, allocator warm-up; a resumed run warms up
+    again) are left out, and so is time spent in validation. Every ``log_every_n_steps`` optimizer steps it logs, on
+    every rank, the values of that window:
 
     - ``perf/tokens_per_sec`` (all ranks), ``perf/tokens_per_sec_per_device``, ``perf/samples_per_sec``
     - ``perf/tflops_per_device`` and ``perf/mfu`` (when the FLOPs are known)
@@ -106,7 +107,7 @@ class ThroughputMeter(Callback):
         self._window = [0.0, 0.0, 0.0, 0.0]  # tokens, flops, sequences, steps since the last log
         self._total = [0.0, 0.0, 0.0, 0.0, 0.0]  # tokens, flops, sequences, steps, seconds after warm-up (global)
         self._window_start = 0.0
-        self._last_step = 0
+        self._last_step = self._start_step = 0
         self._val_start: float | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -123,7 +124,7 @@ class ThroughputMeter(Callback):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self._pending, self._window, self._total = [0.0] * 3, [0.0] * 4, [0.0] * 5
-        self._last_step = trainer.global_step
+        self._last_step = self._start_step = trainer.global_step  # a resumed run warms up again
         self._window_start = self._now(trainer)
 
     @override
@@ -138,7 +139,7 @@ class ThroughputMeter(Callback):
         if trainer.global_step == self._last_step:
             return  # accumulating: the micro-batch belongs to the coming optimizer step
         steps, self._last_step = trainer.global_step - self._last_step, trainer.global_step
-        if trainer.global_step <= self.warmup_steps:
+        if trainer.global_step - self._start_step <= self.warmup_steps:
             self._pending = [0.0] * 3
             self._window_start = self._now(trainer)
             return

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
@@ -82,7 +83,14 @@ class BlockFSDPStrategy(FSDPStrategy):
     one FSDP unit (``wrap_blocks``) and, with ``checkpoint_blocks``, recomputed in the backward (activation
     checkpointing). An explicit ``auto_wrap_policy`` / ``activation_checkpointing_policy`` still wins. Everything
     else is ``FSDPStrategy``'s (``sharding_strategy``, ``state_dict_type``, ``cpu_offload``, ...); mixed precision
-    comes from the trainer's ``precision`` (``bf16-mixed`` / ``bf16-true``). FSDP1 needs CUDA.
+    comes from the trainer's ``precision`` (``bf16-mixed`` / ``bf16-true``). On CPU processes (gloo) it runs too,
+    in full precision: what the CPU tests use.
+
+    Beyond ``FSDPStrategy``: ``gradient_clip_val`` (norm) works, through the root unit's ``clip_grad_norm_``; a
+    LightningModule may list frozen parts to keep replicated outside FSDP in a ``fsdp_ignored_modules()`` method
+    (PSO: VAE, text encoders, reward model); model calls outside the ``*_step`` hooks gather the root unit's own
+    parameters with :func:`ftmods.models.sharding.fsdp1_root_gathered`; exports gather the full state dict
+    (:class:`ftmods.callbacks.PretrainedExport`).
 
     Args:
         wrap_blocks: One FSDP unit per block (default); ``False``: the model as a single unit.
@@ -118,6 +126,56 @@ class BlockFSDPStrategy(FSDPStrategy):
         return classes
 
     @override
+    def setup(self, trainer: Any) -> None:
+        module = trainer.lightning_module
+        if trainer.training and not module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{type(module).__name__} optimizes manually inside training_step (LocFT, online PSO): FSDP1 "
+                "(BlockFSDPStrategy, configs/strategy/fsdp.yaml) ends its backward passes only when the step returns, "
+                "so its units would be left mid-backward. Use configs/strategy/fsdp2_model_parallel.yaml (FSDP2), "
+                "a DeepSpeed snippet or ddp.yaml instead."
+            )
+        super().setup(trainer)
+        root: Any = self.model
+
+        def clip_grad_by_norm(optimizer: Any, clip_val: float) -> None:
+            root.clip_grad_norm_(clip_val)  # the norm over all ranks' shards
+
+        # Lightning's FSDPPrecision refuses `gradient_clip_val` with the (default) norm algorithm; the root unit's
+        # clip_grad_norm_ is the FSDP way, so configs that clip keep working under this strategy
+        self.precision_plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
         self.resolve_policies(model)
-        return super()._setup_model(model)
+        ignored = list(getattr(model, "fsdp_ignored_modules", list)())
+        if ignored and "ignored_modules" not in self.kwargs:  # replicated, frozen parts (e.g. PSO's VAE, reward)
+            for module in ignored:
+                module.to(self.root_device)  # FSDP moves only what it manages
+            self.kwargs["ignored_modules"] = ignored
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        return self._setup_model_on_cpu(model)
+
+    def _setup_model_on_cpu(self, model: nn.Module) -> nn.Module:
+        """``FSDPStrategy._setup_model`` with ``device_id=cpu``.
+
+        Lightning passes the device *index*, which is ``None`` on CPU, and FSDP then looks for an accelerator. With the
+        gloo backend FSDP1 runs on CPU processes (the tests).
+        """
+        from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return super()._setup_model(model)
+        model = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            **self.kwargs,
+        )
+        _move_torchmetrics_to_device(model, self.root_device)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model

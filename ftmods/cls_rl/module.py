@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -312,12 +313,18 @@ class CLSRLModule(LightningModule):
             fully_shard_model(self.model, self._device_mesh["data_parallel"])
             if self.ref_model is not None:
                 fully_shard_model(self.ref_model, self._device_mesh["data_parallel"])
-                # the strategy saves and loads get_model_state_dict(self) itself: on_save_checkpoint never reaches it
-                keep_frozen_parts_out_of_checkpoints(self, _reference_part)
+        fsdp1 = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
+        if self.ref_model is not None and (self._device_mesh is not None or fsdp1):
+            # these strategies save and load the module's own state dict: on_save_checkpoint never reaches the loader
+            keep_frozen_parts_out_of_checkpoints(self, _reference_part)
+
+    def fsdp_ignored_modules(self) -> list[torch.nn.Module]:
+        """FSDP1 (``BlockFSDPStrategy``) keeps the frozen reference copy replicated, outside its units."""
+        return [self.ref_model] if self.ref_model is not None else []
 
     def setup(self, stage: str) -> None:
         """Check the DataModule's mode, and pick the strategy-dependent settings."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         strategy = self.trainer.strategy
         data = getattr(self.trainer, "datamodule", None)

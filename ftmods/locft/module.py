@@ -58,7 +58,7 @@ from ftmods.locft.loss import LocFTLossOutput, locft_sample_mean_loss, locft_tok
 from ftmods.locft.metrics import ProtocolScores
 from ftmods.models.loading import LoadOptions, coerce_spec, load_causal_lm, load_tokenizer, spec_to_hparam
 from ftmods.models.sharding import fully_shard_model
-from ftmods.ops.params import LOCFT_PRESETS, default_locft_patterns, freeze_all_but
+from ftmods.ops.params import LOCFT_PRESETS, clean_name, default_locft_patterns, freeze_all_but
 
 Preset = Literal["llama3-8b", "qwen2.5-7b", "mistral-7b-v0.1", "qwen1.5-moe"]
 
@@ -204,7 +204,7 @@ class LocFTModule(LightningModule):
         return self.model.get_submodule(name.rpartition(".")[0])
 
     def _named_tuned(self) -> list[tuple[str, torch.nn.Parameter]]:
-        params = dict(self.model.named_parameters())
+        params = {clean_name(n): p for n, p in self.model.named_parameters()}  # FSDP1 inserts wrapper names
         return [(name, params[name]) for name in self.tuned_names]
 
     def tuned_parameters(self) -> list[torch.nn.Parameter]:

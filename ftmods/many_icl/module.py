@@ -54,7 +54,7 @@ from ftmods.many_icl.loss import (
 from ftmods.many_icl.metrics import score_answer, truncate_at
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
-from ftmods.models.sharding import is_sharded
+from ftmods.models.sharding import forward_is_collective, fsdp1_root_gathered
 from ftmods.ops.tokens import IGNORE_INDEX, next_token_targets, segment_ids_from_position_ids
 from ftmods.reporting import log_table
 from ftmods.sft.loss import grouped_token_nll
@@ -235,12 +235,12 @@ class ManyICLModule(SFTModule):
 
         Every rank gets the same evaluation batches (the DataModule replicates them, so Lightning's padded
         ``DistributedSampler`` never counts a query twice). Replicated weights (DDP): each rank runs and counts its
-        strided share. Sharded weights (FSDP2): every rank runs every query in lock step (the forwards, and the number
-        of them, must match across ranks) and counts its strided share.
+        strided share. Sharded weights (FSDP1 / FSDP2 / ZeRO-3): every rank runs every query in lock step (the
+        forwards, and the number of them, must match across ranks) and counts its strided share.
         """
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = queries[rank::world]
-        return (queries if world > 1 and is_sharded(self.model) else mine), mine
+        return (queries if forward_is_collective(self.trainer, self.model) else mine), mine
 
     def _score_queries(self, queries: list[Any], counted: list[Any] | None = None) -> dict[str, Tensor]:
         """Per-query scores grouped as ``{"<task>/<metric>": (n,)}`` of the ``counted`` queries (default: all).
@@ -325,8 +325,8 @@ class ManyICLModule(SFTModule):
         out: list[str] = []
         size, budget = self.hparams["eval_micro_batch_size"], self.hparams["eval_max_new_tokens"]
         stops = [stop] if stop else None
-        # FSDP2: a rank whose sequences stopped early keeps joining the other ranks' forwards (they are collectives)
-        extra = {"synced_gpus": True} if self.trainer.world_size > 1 and is_sharded(self.model) else {}
+        # sharded: a rank whose sequences stopped early keeps joining the other ranks' forwards (they are collectives)
+        extra = {"synced_gpus": True} if forward_is_collective(self.trainer, self.model) else {}
         for start in range(0, len(prompts), size):
             chunk = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts[start : start + size]]
             out += generate_texts(self.model, self.tokenizer, chunk, max_new_tokens=budget, stop_strings=stops, **extra)
@@ -383,8 +383,9 @@ class ManyICLModule(SFTModule):
             return {}
         run, counted = self._share(queries)
         size = self.hparams["eval_micro_batch_size"]
-        for start in range(0, len(run), size):
-            self.scores.update(self._score_queries(run[start : start + size], counted))
+        with fsdp1_root_gathered(self.trainer):  # called from on_fit_start / on_fit_end, outside a step
+            for start in range(0, len(run), size):
+                self.scores.update(self._score_queries(run[start : start + size], counted))
         values = {k: float(v) for k, v in self.scores.compute().items() if not torch.isnan(v)}
         self.scores.reset()
         return values

@@ -1,9 +1,10 @@
-"""FSDP2 sharding of Hugging Face models (``torch.distributed.fsdp.fully_shard``)."""
+"""Sharding of Hugging Face models: FSDP2 (``torch.distributed.fsdp.fully_shard``) and helpers for FSDP1 / ZeRO-3."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -82,6 +83,51 @@ def gather_root(model: nn.Module) -> bool:
     fsdp._get_fsdp_state()._lazy_init()  # private in torch 2.x; idempotent
     fsdp.unshard()
     return True
+
+
+def fsdp1_root(trainer: Any) -> Any:
+    """The root ``FullyShardedDataParallel`` unit of an FSDP1 run (the wrapped LightningModule), else ``None``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    root = getattr(getattr(trainer, "strategy", None), "model", None)
+    return root if isinstance(root, FullyShardedDataParallel) else None
+
+
+@contextlib.contextmanager
+def fsdp1_root_gathered(trainer: Any) -> Iterator[None]:
+    """Gather FSDP1's root parameters for model calls made outside Lightning's ``*_step`` hooks.
+
+    Under FSDP1 the root unit is the whole LightningModule, and it owns the parameters outside the wrapped blocks
+    (embeddings, final norm, head; a UNet's stem and time embedding). Lightning unshards them around
+    ``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step`` (its forward redirection); a forward
+    from another hook (``on_fit_start``, ``on_train_end``, a callback) would see their flat shards. Inside this context
+    they are full (read-only: ``writeback=False``); the blocks still gather their own in their forwards. Every rank
+    must enter it (a collective). A no-op for other strategies, and inside a step, where they are already gathered.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    root = fsdp1_root(trainer)
+    if root is None or root.training_state != TrainingState.IDLE:
+        yield
+        return
+    with FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False):
+        yield
+
+
+def forward_is_collective(trainer: Any, model: nn.Module) -> bool:
+    """Whether every forward of ``model`` is a collective of all ranks, so ``generate`` needs ``synced_gpus=True``.
+
+    True with several ranks under FSDP2 (DTensor parameters), FSDP1 (``FSDPStrategy``) and DeepSpeed ZeRO-3.
+    """
+    if trainer is None or getattr(trainer, "world_size", 1) <= 1:
+        return False
+    if is_sharded(model) or fsdp1_root(trainer) is not None:
+        return True
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, DeepSpeedStrategy) and bool(getattr(strategy, "zero_stage_3", False))
 
 
 FrozenParts = Callable[[nn.Module], Iterable[tuple[str, "nn.Module | None"]]]

@@ -605,7 +605,12 @@ def build_tiny_sd_pipeline(
         )
     if dtype is not None:
         pipe.to(dtype=dtype)  # type: ignore[union-attr]
+    encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+    for encoder in encoders:  # transformers writes no weights on ranks > 0 (see _save_model): this build must
+        encoder.should_save_on_this_rank = lambda is_main_process: True  # type: ignore[method-assign]
     pipe.save_pretrained(path)  # type: ignore[union-attr]  # diffusers' own annotations hide the method from mypy
+    for encoder in encoders:
+        del encoder.should_save_on_this_rank
     return path
 
 

@@ -31,6 +31,22 @@ LOCFT_PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name parts that FSDP1, activation checkpointing and ``torch.compile`` insert into parameter names."""
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the wrappers' name parts (what the unwrapped model calls it).
+
+    Example:
+        >>> clean_name("model.layers.2._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.down_proj.weight")
+        'model.layers.2.mlp.down_proj.weight'
+    """
+    for part in WRAPPER_PREFIXES:
+        name = name.replace(part, "")
+    return name
+
+
 def _is_regex(pattern: str) -> bool:
     return any(c in pattern for c in "\\^$*+?[]()|{}")
 

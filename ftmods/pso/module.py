@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -51,11 +52,14 @@ from ftmods.models.loading import LoadOptions, LoRASpec, coerce_spec, load_diffu
 from ftmods.models.sharding import (
     drop_frozen_state,
     fill_frozen_state,
+    forward_is_collective,
+    fsdp1_root_gathered,
     is_sharded,
     keep_frozen_parts_out_of_checkpoints,
     transformer_layer_classes,
 )
 from ftmods.models.tiny import resolve_pretrained
+from ftmods.ops.params import clean_name
 from ftmods.optim import build_optimizers
 from ftmods.pso.loss import (
     TIMESTEP_PRESETS,
@@ -219,7 +223,8 @@ class PSOModule(LightningModule):
             for unet in (self.unet, self.ref_unet):
                 if unet is not None:
                     shard_unet(unet, mesh)
-            # the strategy saves and loads get_model_state_dict(self) itself: on_save_checkpoint never reaches it
+        if self._device_mesh is not None or isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            # FSDP2 / FSDP1 save and load the module's own state dict: on_save_checkpoint never reaches the loader
             keep_frozen_parts_out_of_checkpoints(self, _frozen_parts_of)
 
     @property
@@ -726,6 +731,13 @@ class PSOModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    def fsdp_ignored_modules(self) -> list[nn.Module]:
+        """Frozen parts kept replicated under FSDP1 (``BlockFSDPStrategy``).
+
+        VAE, text encoders and reward model (replicated under FSDP2 too) and the frozen reference of full fine-tuning.
+        """
+        return [part for _, part in self._frozen_parts() if isinstance(part, nn.Module)]
+
     def _frozen_parts(self) -> list[tuple[str, Any]]:
         parts = [(REFERENCE_PREFIX, self.ref_unet), ("vae.", self.vae), ("text_encoders.", self.text_encoders)]
         if isinstance(self.reward, nn.Module):
@@ -761,7 +773,14 @@ class PSOModule(LightningModule):
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, state_dict=state_dict))
+            if state_dict is not None and any(clean_name(n) != n for n, _ in self.unet.named_modules()):
+                # FSDP1 renamed the UNet's blocks (`_fsdp_wrapped_module`), so peft would miss the LoRA layers by
+                # module name: take the adapter's weights from the gathered (clean) state dict as peft names them
+                adapter = ".default."  # the adapter add_adapter() made
+                lora = {k.replace(adapter, "."): v for k, v in state_dict.items() if "lora_" in k and adapter in k}
+            else:
+                lora = get_peft_model_state_dict(self.unet, state_dict=state_dict)
+            layers = convert_state_dict_to_diffusers(lora)
             type(self.pipeline).save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
         elif state_dict is None:
             self.pipeline.save_pretrained(path, safe_serialization=True)
@@ -784,7 +803,8 @@ class PSOModule(LightningModule):
             return
         if data.hparams.get("reference_source", "model_samples") != "model_samples":
             return
-        generate_references(self, data)
+        with fsdp1_root_gathered(self.trainer):  # outside a step: FSDP1's root keeps the UNet's stem sharded
+            generate_references(self, data)
 
 
 def shard_unet(unet: nn.Module, mesh: Any) -> int:
@@ -849,7 +869,7 @@ def generate_references(module: PSOModule, data: Any, batch_size: int = 8) -> in
     steps = module.hparams["num_inference_steps"]
     busiest = math.ceil(len(everything) / trainer.world_size)  # rank 0's share
     # A sharded UNet's calls are collective: every rank makes as many as the busiest one.
-    calls = math.ceil((busiest if is_sharded(module.unet) else len(requests)) / batch_size)
+    calls = math.ceil((busiest if forward_is_collective(trainer, module.unet) else len(requests)) / batch_size)
     with module.reference_unet() as unet:
         original = pipe.unet
         pipe.unet = unet

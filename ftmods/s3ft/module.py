@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ftmods.models.generation import generate_texts
 from ftmods.models.loading import LoadOptions, LoRASpec
-from ftmods.models.sharding import gather_root, is_sharded
+from ftmods.models.sharding import forward_is_collective, gather_root
 from ftmods.ops.tokens import segment_ids_from_position_ids
 from ftmods.s3ft.judges import BaseJudge, Verdict, make_judge
 from ftmods.s3ft.prompts import BANNED_PHRASES, PARAPHRASE_PROMPTS, PREDICT_PROMPTS, banned_phrase, render
@@ -168,7 +168,7 @@ class S3FTModule(SFTModule):
         if self.hparams["do_sample"]:
             kwargs.update(temperature=self.hparams["temperature"], top_p=self.hparams["top_p"])
         sharded = gather_root(self.model)  # FSDP2: root (embeddings, head) gathered once for the whole call
-        if sharded:
+        if forward_is_collective(self._trainer, self.model):  # FSDP1 / FSDP2 / ZeRO-3 on several ranks
             kwargs["synced_gpus"] = True  # ranks that finish early keep joining the blocks' all-gathers
         try:
             texts = generate_texts(
@@ -182,7 +182,7 @@ class S3FTModule(SFTModule):
     def _any_rank(self, flag: bool) -> bool:
         """``flag`` on any rank (one collective; only when the model is sharded, where generation is collective)."""
         trainer = self._trainer
-        if trainer is None or trainer.world_size == 1 or not is_sharded(self.model):
+        if trainer is None or not forward_is_collective(trainer, self.model):
             return flag
         value = torch.tensor(float(flag), device=self.device)
         return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)

@@ -35,6 +35,13 @@ REAL = {  # the tiny config's data and settings, the model swapped for a real-si
     "pso": "random/sd-1.5",
 }
 STRATEGIES = ("fsdp", "deepspeed_zero3")
+MANUAL = {"locft", "pso_online"}  # optimize inside training_step: FSDP1 refuses them (tested on CPU), FSDP2 runs them
+
+
+def _pairs(methods) -> list[tuple[str, str]]:
+    return [(m, s) for m in methods for s in STRATEGIES if not (s == "fsdp" and m in MANUAL)]
+
+
 GPU = ("--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed")
 
 
@@ -56,8 +63,7 @@ def _last_checkpoint(folder: Path) -> Path:
     return found[0]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("method", list(TINY))
+@pytest.mark.parametrize(("method", "strategy"), _pairs(TINY))
 def test_tiny_config_trains_in_bf16(tmp_path, method, strategy):
     """The whole tiny config (validation, generation, rollouts, online sampling included) and its checkpoint."""
     _fit(tmp_path, TINY[method], strategy)
@@ -72,8 +78,7 @@ def test_sft_resumes_from_the_strategys_checkpoint(tmp_path, strategy):
     assert max(step for values in metrics.values() for step in values) >= 20  # continued past the checkpoint
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("method", list(REAL))
+@pytest.mark.parametrize(("method", "strategy"), _pairs(REAL))
 def test_real_size_architecture_trains_in_bf16(tmp_path, method, strategy):
     """4 steps of the tiny config's recipe on a 0.5B-2.2B model (random weights from the published config)."""
     pretrained = ("--model.init_args.pretrained", REAL[method])

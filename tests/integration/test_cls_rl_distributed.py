@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import logged_metrics, run_cli
+from support.launch import SHARDED, logged_metrics, run_cli
 
 from ftmods.models.tiny import resolve_pretrained
 
@@ -101,11 +101,14 @@ def test_ddp_matches_one_process_with_the_global_batch(ddp_run, single_run):
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, tmp_path):
-    """FSDP2 (policy and reference sharded per block, generation with the root gathered) logs DDP's losses and
-    exports DDP's weights; restarting from its step-3 distributed checkpoint (mid-epoch, between optimizer steps of
-    an accumulation of 2) ends on the uninterrupted run's weights and logs its last two losses."""
-    run = _launch(tmp_path / "run", strategy="fsdp2_model_parallel")
+@pytest.mark.parametrize("sharded", list(SHARDED))
+def test_sharded_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, tmp_path, sharded):
+    """FSDP2 (policy and reference sharded per block, generation with the root gathered) and FSDP1 (one unit per
+    block, rollouts inside the redirected training step, gradient clipping by the root unit) log DDP's losses and
+    export DDP's weights; restarting from the step-3 sharded checkpoint (mid-epoch, between optimizer steps of an
+    accumulation of 2) ends on the uninterrupted run's weights and logs its last two losses."""
+    strategy, precision = SHARDED[sharded]
+    run = _launch(tmp_path / "run", *precision, strategy=strategy)
     fsdp, ddp = logged_metrics(run), logged_metrics(ddp_run / RUN)
     for step, value in ddp["train/loss"].items():
         assert fsdp["train/loss"][step] == pytest.approx(value, rel=1e-4, abs=1e-6), step
@@ -113,7 +116,7 @@ def test_fsdp2_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, tmp_
 
     checkpoint = run / "checkpoints/epoch=0-step=3.ckpt"
     assert checkpoint.is_dir()  # a distributed checkpoint: one shard per rank
-    resumed = _launch(tmp_path / "resumed", "--ckpt_path", str(checkpoint), strategy="fsdp2_model_parallel")
+    resumed = _launch(tmp_path / "resumed", "--ckpt_path", str(checkpoint), *precision, strategy=strategy)
     again = logged_metrics(resumed)
     assert sorted(again["train/loss"]) == [3, 4]
     for step in (3, 4):

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) from the command line: DDP ranks end identical, and FSDP2 ends where DDP does."""
+"""Two CPU processes (gloo) from the command line: DDP ranks end identical, and FSDP2 and FSDP1 end where DDP does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import logged_metrics, run_cli
+from support.launch import SHARDED, logged_metrics, run_cli
 
 from ftmods.models.tiny import resolve_pretrained
 
@@ -54,10 +54,13 @@ def test_ddp_ranks_end_identical(ddp_run):
     assert (ddp_run / "pretrained/model.safetensors").is_file()
 
 
-def test_fsdp2_matches_ddp(ddp_run, tmp_path):
-    """Same data split, same global token normalisation: the sharded run ends at the DDP weights (up to reduction
-    order), its checkpoint is a folder of shards, and the export gathers full tensors."""
-    fsdp = _launch(tmp_path / "run", "fsdp2_model_parallel")
+@pytest.mark.parametrize("sharded", list(SHARDED))
+def test_sharded_matches_ddp(ddp_run, tmp_path, sharded):
+    """Same data split, same global token normalisation: FSDP2 and FSDP1 (``BlockFSDPStrategy``, one unit per
+    decoder layer) end at the DDP weights (up to reduction order), their checkpoint is a folder of shards, and the
+    export gathers full tensors (under FSDP1 also the root unit's embeddings, norm and head)."""
+    strategy, precision = SHARDED[sharded]
+    fsdp = _launch(tmp_path / "run", strategy, *precision)
     assert (fsdp / "checkpoints/last.ckpt").is_dir()
     ddp_weights = load_file(ddp_run / "pretrained/model.safetensors")
     fsdp_weights = load_file(fsdp / "pretrained/model.safetensors")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import logged_metrics, run_cli
+from support.launch import SHARDED, logged_metrics, run_cli
 
 from ftmods.datamodules import ManyShotDataModule
 from ftmods.models.tiny import resolve_pretrained
@@ -147,10 +147,13 @@ def test_ddp_matches_one_process_with_the_global_batch(ddp_run, single_run):
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_ddp_and_its_checkpoint_resumes(ddp_run, tmp_path):
-    """FSDP2 logs DDP's losses, ends at DDP's weights and gives DDP's evaluation (every query on every rank in lock
-    step, each counted by one rank); its sharded ``last.ckpt`` resumes with a higher ``max_steps`` to completion."""
-    run = _launch(tmp_path / "run", "--trainer.max_steps", str(STEPS), strategy="fsdp2_model_parallel")
+@pytest.mark.parametrize("sharded", list(SHARDED))
+def test_sharded_matches_ddp_and_its_checkpoint_resumes(ddp_run, tmp_path, sharded):
+    """FSDP2 and FSDP1 log DDP's losses, end at DDP's weights and give DDP's evaluation (every query on every rank in
+    lock step, each counted by one rank; under FSDP1 the held-out probe before training gathers the root unit's
+    parameters); the sharded ``last.ckpt`` resumes with a higher ``max_steps`` to completion."""
+    strategy, precision = SHARDED[sharded]
+    run = _launch(tmp_path / "run", "--trainer.max_steps", str(STEPS), *precision, strategy=strategy)
     fsdp, ddp = logged_metrics(run), logged_metrics(ddp_run)
     assert sorted(fsdp["train/loss"]) == list(range(STEPS))
     for step, value in ddp["train/loss"].items():
@@ -162,7 +165,7 @@ def test_fsdp2_matches_ddp_and_its_checkpoint_resumes(ddp_run, tmp_path):
     assert last.is_dir()  # a distributed checkpoint: one shard per rank
     before = load_file(run / "pretrained/model.safetensors")
     more = ("--trainer.max_steps", str(STEPS + 2), "--ckpt_path", str(last))
-    resumed = _launch(tmp_path / "run", *more, strategy="fsdp2_model_parallel")
+    resumed = _launch(tmp_path / "run", *more, *precision, strategy=strategy)
     rows = list(csv.DictReader((resumed / "lightning_logs/version_1/metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 2  # global step 5 restored: exactly max_steps - 5 more steps

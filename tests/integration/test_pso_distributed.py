@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +171,44 @@ def test_fsdp2_offline_shards_matches_ddp_and_resumes(ddp_offline, single_offlin
         torch.tensor(list(resumed.values())), torch.tensor([single[s] for s in resumed]), **LOSS_TOL
     )
     _assert_close(load_file(run / LORA), load_file(single_offline / LORA))
+
+
+@pytest.mark.slow
+def test_fsdp1_offline_matches_ddp_and_resumes(ddp_offline, single_offline, tmp_path):
+    """FSDP1 (``fsdp.yaml``: one unit per UNet block; VAE, text encoder and reward model kept out of FSDP and
+    replicated), offline: the references are generated outside a training step with the root unit gathered; after 6
+    steps the gathered LoRA export and the losses equal DDP's; resumed from the sharded checkpoint to step 8 it equals
+    the single process's."""
+    precision = ("--trainer.precision", "32-true")
+    run = _launch(tmp_path, "tiny", "--trainer.max_steps", "6", *precision, strategy="fsdp")
+    assert len(list((run / "references").glob("*.safetensors"))) == 14
+    _assert_close(load_file(run / LORA), load_file(ddp_offline / LORA))
+    torch.testing.assert_close(
+        torch.tensor(list(_losses(run).values())), torch.tensor(list(_losses(ddp_offline).values())), **LOSS_TOL
+    )
+    checkpoint = run / "checkpoints/last.ckpt"
+    assert checkpoint.is_dir()  # sharded state dict: one file per rank
+    shutil.rmtree(run / "lora")
+    _launch(tmp_path, "tiny", "--trainer.max_steps", "8", "--ckpt_path", str(checkpoint), *precision, strategy="fsdp")
+    resumed, single = _losses(run, version=1), _losses(single_offline)
+    assert len(resumed) == 2
+    torch.testing.assert_close(
+        torch.tensor(list(resumed.values())), torch.tensor([single[s] for s in resumed]), **LOSS_TOL
+    )
+    _assert_close(load_file(run / LORA), load_file(single_offline / LORA))
+
+
+def test_fsdp1_refuses_manual_optimization(tmp_path):
+    """Online PSO steps its optimizer inside training_step; FSDP1 would be left mid-backward: a clear error instead."""
+    (tmp_path / "configs").symlink_to(Path(__file__).resolve().parents[2] / "configs")
+    args = ["fit", "-c", "configs/pso/tiny_online.yaml", "-c", "configs/strategy/fsdp.yaml", "--trainer.devices", "2",
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "cli.py"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    assert "PSOModule optimizes manually inside training_step" in done.stderr
+    assert "fsdp2_model_parallel.yaml" in done.stderr
 
 
 @pytest.mark.slow

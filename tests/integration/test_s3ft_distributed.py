@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launch import run_cli
+from support.launch import SHARDED, run_cli
 
 pytestmark = pytest.mark.distributed
 CONFIG = "configs/s3ft/tiny.yaml"
@@ -92,13 +92,15 @@ def test_ddp_ranks_agree_and_match_one_process_with_the_same_global_batch(ddp_ru
 
 
 @pytest.mark.slow
-def test_fsdp2_predict_generates_with_sharded_parameters(selection, tmp_path):
+@pytest.mark.parametrize("sharded", list(SHARDED))
+def test_sharded_predict_generates_with_sharded_parameters(selection, tmp_path, sharded):
     """One item per batch over 7 items: rank 1 gets items 1, 3, 5 and item 0 again (the sampler evens the ranks out
     rather than giving rank 0 a fourth batch alone), and in most batches one rank has no rejected answer yet must join
     the other's paraphrase generation. Greedy decoding: every record is the single-process one, each exactly once."""
     folder = tmp_path / "run"
     extra = ("--data.init_args.limit", "7", "--data.init_args.predict_batch_size", "1")
-    args = ["predict", "-c", CONFIG, "-c", "configs/strategy/fsdp2_model_parallel.yaml"]
+    strategy, precision = SHARDED[sharded]
+    args = ["predict", "-c", CONFIG, "-c", f"configs/strategy/{strategy}.yaml", *precision]
     run_cli(folder, *args, "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra, timeout=180)
     run = folder / "runs/s3ft_tiny"
     records = [json.loads(line) for line in (run / "selection.jsonl").read_text().splitlines()]
@@ -111,14 +113,17 @@ def test_fsdp2_predict_generates_with_sharded_parameters(selection, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_fit_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, selection, tmp_path):
-    """FSDP2 ends at the DDP weights (same split, same normalisation); the mid-epoch checkpoint (a folder of shards)
-    resumes with --ckpt_path and finishes at the uninterrupted run's weights, with the same losses on the way."""
+@pytest.mark.parametrize("sharded", list(SHARDED))
+def test_sharded_fit_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, selection, tmp_path, sharded):
+    """FSDP2 and FSDP1 end at the DDP weights (same split, same normalisation); the mid-epoch checkpoint (a folder of
+    shards) resumes with --ckpt_path and finishes at the uninterrupted run's weights, with the same losses on the
+    way."""
     mid = (
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "mid",
         "--trainer.callbacks.every_n_train_steps", str(STEPS // 2), "--trainer.callbacks.save_top_k", "-1",
     )  # fmt: skip
-    full = _fit(tmp_path / "full", selection, *mid, strategy="fsdp2_model_parallel", batch_size=4)
+    strategy, precision = SHARDED[sharded]
+    full = _fit(tmp_path / "full", selection, *mid, *precision, strategy=strategy, batch_size=4)
     checkpoint = tmp_path / "full/mid" / f"epoch=0-step={STEPS // 2}.ckpt"
     assert checkpoint.is_dir()  # one shard file per rank
     assert (full / "checkpoints/last.ckpt").is_dir()
@@ -132,7 +137,7 @@ def test_fsdp2_fit_matches_ddp_and_resumes_from_its_sharded_checkpoint(ddp_run, 
     for step, row in _steps(ddp_run).items():
         _assert_same_source_losses(full_steps[step], row, step)
 
-    resumed = _fit(tmp_path / "resumed", selection, "--ckpt_path", str(checkpoint), strategy="fsdp2_model_parallel",
+    resumed = _fit(tmp_path / "resumed", selection, "--ckpt_path", str(checkpoint), *precision, strategy=strategy,
                    batch_size=4)  # fmt: skip
     resumed_steps = _steps(resumed)
     assert sorted(resumed_steps) == list(range(STEPS // 2, STEPS))  # it continued where the checkpoint stopped

@@ -37,3 +37,8 @@ def logged_metrics(run: Path) -> dict[str, dict[int, float]]:
                 if value and key not in ("epoch", "step"):
                     out.setdefault(key, {})[int(row["step"])] = float(value)
     return out
+
+
+SHARDED = {"fsdp2": ("fsdp2_model_parallel", ()), "fsdp1": ("fsdp", ("--trainer.precision", "32-true"))}
+"""Sharded strategies on CPU processes: ``id -> (strategy snippet, extra arguments)``. ``fsdp.yaml`` (FSDP1) asks for
+bf16-mixed, which gloo processes run in full precision instead."""

@@ -112,3 +112,20 @@ def test_modules_without_a_decoder_get_tokens_but_no_flops(tmp_path):
 def test_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ThroughputMeter(**kwargs)
+
+
+def test_a_resumed_run_warms_up_again(tmp_path):
+    """Fit 3 steps and save; resume to 6 with warm-up 2: only step 6 is measured (not steps 4-6, as it would be if the
+    warm-up counted from step 0 of the first run)."""
+    batches = [{"input_ids": torch.randint(0, 10, (2, 5))} for _ in range(8)]
+    first = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    first.fit(_EmbeddingModule(), train_dataloaders=DataLoader(batches, batch_size=None))
+    first.save_checkpoint(tmp_path / "step3.ckpt")
+    meter = ThroughputMeter(warmup_steps=2, summary_file=None)
+    resumed = Trainer(accelerator="cpu", max_steps=6, callbacks=[meter], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.warns(UserWarning, match="no decoder-only transformer"):
+        resumed.fit(_EmbeddingModule(), train_dataloaders=DataLoader(batches, batch_size=None),
+                    ckpt_path=tmp_path / "step3.ckpt")  # fmt: skip
+    assert (meter.summary["steps"], meter.summary["tokens"]) == (1, 2 * 5)

@@ -39,3 +39,29 @@ def test_frozen_parts_leave_the_state_dict_and_come_back_from_the_live_module():
     outer = nn.Module()
     outer.inner = module
     assert sorted(outer.state_dict()) == ["inner.model.bias", "inner.model.weight"]
+
+
+class _Strategy:
+    """What the helpers read of a trainer's strategy: its wrapped model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+
+class _Trainer:
+    def __init__(self, world_size: int, model: nn.Module) -> None:
+        self.world_size, self.strategy = world_size, _Strategy(model)
+
+
+def test_forward_is_collective_only_with_several_ranks_of_a_sharding_strategy():
+    """One process never needs synced generation; DDP (a plain module) neither; FSDP2 (DTensor parameters) and FSDP1
+    (the strategy's model a FullyShardedDataParallel root) do when there are several ranks."""
+    from ftmods.models.sharding import forward_is_collective, fsdp1_root, fsdp1_root_gathered
+
+    model = nn.Linear(2, 2)
+    assert not forward_is_collective(None, model)
+    assert not forward_is_collective(_Trainer(1, model), model)
+    assert not forward_is_collective(_Trainer(2, model), model)  # DDP: every rank has the whole model
+    assert fsdp1_root(_Trainer(2, model)) is None
+    with fsdp1_root_gathered(_Trainer(2, model)):  # no FSDP1 root: nothing to gather
+        assert model(torch.ones(1, 2)).shape == (1, 2)
