@@ -147,7 +147,7 @@ def run_baseline(args: argparse.Namespace, path: str) -> dict[str, Any]:
         "tflops_per_device": flops / seconds / 1e12,
         "mfu": flops / seconds / args.peak_flops if args.peak_flops else None,
         "peak_mem_gib" if device.type == "cuda" else "peak_rss_gib": peak,
-        "final_loss": float(loss),
+        "final_loss": loss.item(),
     }
 
 

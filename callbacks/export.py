@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from ftmods.models.sharding import is_sharded
+from ftmods.models.sharding import fsdp1_root, is_sharded
 
 
 class PretrainedExport(Callback):
@@ -72,9 +72,9 @@ class PretrainedExport(Callback):
         """Write the model to ``path`` (collective on sharded runs: every rank must call it)."""
         target: Any = pl_module if hasattr(pl_module, "save_pretrained") else self._model(pl_module)
         inner = target if target is not pl_module else self._inner(pl_module)
-        root = trainer.strategy.model
+        root = fsdp1_root(trainer)
         state_dict: dict[str, torch.Tensor] | None
-        if isinstance(inner, torch.nn.Module) and root is not None and is_fsdp1(root):
+        if isinstance(inner, torch.nn.Module) and root is not None:
             prefix = next(f"{name}." for name, m in pl_module.named_modules() if m is inner)  # e.g. PSO: "unet."
             state_dict = fsdp1_full_state_dict(root, prefix, inner)  # collective
         else:
@@ -89,15 +89,6 @@ class PretrainedExport(Callback):
 
     def _inner(self, pl_module: LightningModule) -> Any:
         return getattr(pl_module, self.attribute, None)
-
-
-def is_fsdp1(module: Any) -> bool:
-    """Whether ``module`` is (or holds) a classic ``FullyShardedDataParallel`` unit (FSDP1 / ``BlockFSDPStrategy``)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(module, torch.nn.Module) and any(
-        isinstance(m, FullyShardedDataParallel) for m in module.modules()
-    )
 
 
 def fsdp1_full_state_dict(root: torch.nn.Module, prefix: str, inner: torch.nn.Module) -> dict[str, torch.Tensor]:

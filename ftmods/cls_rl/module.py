@@ -49,7 +49,6 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -64,6 +63,7 @@ from ftmods.models.sharding import (
     fully_shard_model,
     gather_root,
     keep_frozen_parts_out_of_checkpoints,
+    uses_fsdp1,
     vision_tower,
 )
 from ftmods.ops.grpo import (
@@ -313,8 +313,7 @@ class CLSRLModule(LightningModule):
             fully_shard_model(self.model, self._device_mesh["data_parallel"])
             if self.ref_model is not None:
                 fully_shard_model(self.ref_model, self._device_mesh["data_parallel"])
-        fsdp1 = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
-        if self.ref_model is not None and (self._device_mesh is not None or fsdp1):
+        if self.ref_model is not None and (self._device_mesh is not None or uses_fsdp1(self._trainer)):
             # these strategies save and load the module's own state dict: on_save_checkpoint never reaches the loader
             keep_frozen_parts_out_of_checkpoints(self, _reference_part)
 
@@ -344,7 +343,7 @@ class CLSRLModule(LightningModule):
         deepspeed = isinstance(strategy, DeepSpeedStrategy)
         stage3 = deepspeed and getattr(strategy, "zero_stage_3", False)
         self._synced_gpus = self.trainer.world_size > 1 and (
-            self._device_mesh is not None or stage3 or isinstance(strategy, FSDPStrategy)
+            self._device_mesh is not None or stage3 or uses_fsdp1(self.trainer)
         )
         self._sum_then_rescale = self.hparams["loss_type"] == "dapo" and not deepspeed
         self._step_tokens = torch.zeros((), device=self.device)

@@ -85,6 +85,13 @@ def gather_root(model: nn.Module) -> bool:
     return True
 
 
+def uses_fsdp1(trainer: Any) -> bool:
+    """Whether ``trainer`` runs Lightning's ``FSDPStrategy`` (FSDP1, e.g. ``BlockFSDPStrategy``), wrapped yet or not."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
+
+
 def fsdp1_root(trainer: Any) -> Any:
     """The root ``FullyShardedDataParallel`` unit of an FSDP1 run (the wrapped LightningModule), else ``None``."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -172,10 +179,10 @@ def _fill_hook(parts: FrozenParts, module: nn.Module, state_dict: dict[str, Any]
 def keep_frozen_parts_out_of_checkpoints(module: nn.Module, parts: FrozenParts) -> None:
     """Leave ``parts(module)`` out of ``module.state_dict()`` and restore them from the live parts on load.
 
-    For FSDP2: ``ModelParallelStrategy`` saves and loads ``get_model_state_dict(module)`` itself, so a
-    ``LightningModule.on_save_checkpoint`` / ``on_load_checkpoint`` filter never reaches its loader (which then asks
-    the checkpoint for the missing frozen keys). State-dict hooks do: frozen references, VAEs and text encoders are
-    rebuilt from ``pretrained`` in ``configure_model`` and never written.
+    For FSDP2 and FSDP1: ``ModelParallelStrategy`` and ``FSDPStrategy`` save and load the module's own (sharded)
+    state dict, so a ``LightningModule.on_save_checkpoint`` / ``on_load_checkpoint`` filter never reaches their
+    loader (which then asks the checkpoint for the missing frozen keys). State-dict hooks do: frozen references, VAEs
+    and text encoders are rebuilt from ``pretrained`` in ``configure_model`` and never written.
     """
     module.register_state_dict_post_hook(functools.partial(_drop_hook, parts))
     module.register_load_state_dict_pre_hook(functools.partial(_fill_hook, parts))

@@ -41,7 +41,6 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -57,6 +56,7 @@ from ftmods.models.sharding import (
     is_sharded,
     keep_frozen_parts_out_of_checkpoints,
     transformer_layer_classes,
+    uses_fsdp1,
 )
 from ftmods.models.tiny import resolve_pretrained
 from ftmods.ops.params import clean_name
@@ -223,7 +223,7 @@ class PSOModule(LightningModule):
             for unet in (self.unet, self.ref_unet):
                 if unet is not None:
                     shard_unet(unet, mesh)
-        if self._device_mesh is not None or isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+        if self._device_mesh is not None or uses_fsdp1(self._trainer):
             # FSDP2 / FSDP1 save and load the module's own state dict: on_save_checkpoint never reaches the loader
             keep_frozen_parts_out_of_checkpoints(self, _frozen_parts_of)
 

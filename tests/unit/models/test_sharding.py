@@ -56,12 +56,14 @@ class _Trainer:
 def test_forward_is_collective_only_with_several_ranks_of_a_sharding_strategy():
     """One process never needs synced generation; DDP (a plain module) neither; FSDP2 (DTensor parameters) and FSDP1
     (the strategy's model a FullyShardedDataParallel root) do when there are several ranks."""
-    from ftmods.models.sharding import forward_is_collective, fsdp1_root, fsdp1_root_gathered
+    from ftmods.models.sharding import forward_is_collective, fsdp1_root, fsdp1_root_gathered, uses_fsdp1
 
     model = nn.Linear(2, 2)
     assert not forward_is_collective(None, model)
     assert not forward_is_collective(_Trainer(1, model), model)
     assert not forward_is_collective(_Trainer(2, model), model)  # DDP: every rank has the whole model
     assert fsdp1_root(_Trainer(2, model)) is None
+    assert not uses_fsdp1(_Trainer(2, model))
+    assert not uses_fsdp1(None)
     with fsdp1_root_gathered(_Trainer(2, model)):  # no FSDP1 root: nothing to gather
         assert model(torch.ones(1, 2)).shape == (1, 2)
